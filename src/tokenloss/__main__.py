@@ -1,0 +1,7 @@
+"""``python -m tokenloss`` runs the command line."""
+
+import sys
+
+from tokenloss.cli import main
+
+sys.exit(main())

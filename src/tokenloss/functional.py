@@ -1,0 +1,129 @@
+"""The public loss functions: check the arguments, flatten to rows, run an implementation, reduce."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from tokenloss.ops import resolve_impl
+from tokenloss.options import LossOptions, check_logits, prepare_targets
+
+
+def _rows_module(impl: str, device: torch.device):
+    name = resolve_impl(impl, device)
+    return importlib.import_module("tokenloss.ops.triton" if name == "triton" else "tokenloss.ops")
+
+
+def cross_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    ignore_index: int = -100,
+    mask: Tensor | None = None,
+    shift: bool = False,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    focal_gamma: float = 0.0,
+    token_weights: Tensor | None = None,
+    num_items: int | float | Tensor | None = None,
+    impl: str = "auto",
+    inplace_backward: bool = False,
+    check_inputs: bool = True,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Cross-entropy of next-token prediction from logits, exact against ``F.cross_entropy``.
+
+    Per counted position with (soft-capped) logits ``z`` and target ``t``::
+
+        loss = weight * ((1 - p_t) ** focal_gamma * ce + z_loss * logsumexp(z) ** 2)
+        ce   = (1 - label_smoothing) * (-log p_t) + label_smoothing * mean_j(-log p_j)
+
+    (:mod:`tokenloss.reference` writes the formulas out.) Computed in float32 whatever the
+    input dtype; the gradient ``alpha * softmax - beta * onehot - delta`` is written chunk by
+    chunk in the backward pass, without keeping an ``(N, V)`` tensor from the forward pass.
+
+    Args:
+        logits: ``(..., V)`` float32, bfloat16, float16 or float64.
+        targets: ``(...)`` integer class indices, the leading shape of ``logits``.
+        ignore_index: positions whose target equals this do not count.
+        mask: optional bool tensor shaped like ``targets``; only positions where it is True
+            count (an SFT completion mask). A position counts when its target is not
+            ``ignore_index`` and its mask is True.
+        shift: causal-LM shift: logits at position ``t`` predict the target at ``t + 1`` along the
+            sequence dimension (logits' second-to-last, targets' last); mask and token weights
+            shift with the targets, and every count is taken after the shift.
+        reduction: ``"mean"`` (sum over counted positions / their number, or / ``num_items``),
+            ``"sum"``, or ``"none"`` (per-position losses shaped like ``targets`` after the shift,
+            0.0 where a position does not count).
+        label_smoothing: ``eps`` in ``[0, 1]``, mixing the target with the uniform distribution
+            over all V classes (PyTorch's definition).
+        z_loss: coefficient of ``logsumexp(z) ** 2`` added per counted position (PaLM).
+        softcap: if set, logits become ``softcap * tanh(logits / softcap)`` first (Gemma 2).
+        focal_gamma: each counted position's cross-entropy is multiplied by ``(1 - p_t) ** gamma``.
+        token_weights: optional float tensor shaped like ``targets``; multiplies each counted
+            position's loss (the mean still divides by the number of counted positions).
+        num_items: for ``"mean"``, divide the sum by this instead of the local count: the global
+            number of counted tokens across gradient-accumulation steps or ranks
+            (:func:`tokenloss.distributed.global_num_items`).
+        impl: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`tokenloss.ops`).
+        inplace_backward: write the gradient into ``logits``' storage in the backward pass
+            (saves one ``(N, V)`` tensor; ``logits`` is overwritten, so use it only when nothing
+            else reads them after the loss).
+        check_inputs: check that counted targets are in ``[0, V)`` and that no counted row of
+            logits holds NaN/inf (each one host sync on CUDA); False skips both.
+        chunk_size: rows per chunk (None: about 2**21 elements per chunk).
+
+    Returns:
+        A float32 scalar for ``"mean"``/``"sum"``; a float32 tensor shaped like ``targets`` (after
+        the shift) for ``"none"``. A batch where nothing counts gives exactly 0.0 and zero
+        gradients.
+
+    Raises:
+        TypeError: ``logits`` not floating, ``targets`` not integer, ``mask`` not bool.
+        ValueError: shapes that do not match, a target outside ``[0, V)`` that is not
+            ``ignore_index``, an unknown ``reduction``, a negative ``label_smoothing``,
+            ``z_loss``, ``focal_gamma`` or ``softcap``, NaN/inf logits in a counted row.
+
+    Examples:
+        >>> import torch, tokenloss as tl
+        >>> logits = torch.zeros(2, 5)          # a uniform guess over V = 5 words
+        >>> round(tl.cross_entropy(logits, torch.tensor([1, 3])).item(), 3)  # log 5
+        1.609
+    """
+    options = LossOptions(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        focal_gamma=focal_gamma,
+        check_inputs=check_inputs,
+    )
+    check_logits(logits)
+    if shift and logits.ndim < 2:
+        raise ValueError(f"shift=True needs logits shaped (..., T, V), got {tuple(logits.shape)}")
+    vocab_size = logits.shape[-1]
+    prepared = prepare_targets(
+        tuple(logits.shape[:-1]),
+        targets,
+        vocab_size,
+        options,
+        mask=mask,
+        shift=shift,
+        token_weights=token_weights,
+        num_items=num_items,
+    )
+    rows = _rows_module(impl, logits.device).cross_entropy_rows(
+        logits.reshape(-1, vocab_size),
+        prepared.targets,
+        prepared.weights,
+        prepared.counted,
+        options,
+        inplace_backward=inplace_backward,
+        chunk_size=chunk_size,
+    )
+    return prepared.reduce(rows, reduction)

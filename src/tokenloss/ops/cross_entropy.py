@@ -1,0 +1,99 @@
+"""Plain cross-entropy from logits in PyTorch: one read of the logits forward, one write of the gradient backward.
+
+``F.cross_entropy`` keeps its ``(N, V)`` log-softmax alive for the backward pass and builds a dense
+``(N, V)`` gradient of the NLL before turning it into the gradient of the logits. Here the forward
+pass keeps only ``(N,)`` statistics (the log-sum-exp and three gradient coefficients); the backward
+pass recomputes the softmax chunk by chunk from the logits autograd holds anyway and writes
+``alpha * softmax - beta * onehot - delta`` straight into the gradient, or, when the caller opts in
+with ``inplace_backward=True``, into the logits' own storage.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tokenloss.ops.rowwise import (
+    RowStatistics,
+    accumulation_dtype,
+    check_finite_rows,
+    chunk_gradient,
+    chunk_statistics,
+    loss_and_coefficients,
+    scale_coefficients,
+)
+from tokenloss.options import LossOptions
+
+# A chunk of about 2**21 float32 elements (8 MiB) stays mostly in the last-level cache between the
+# several elementwise passes over it, while being large enough for the per-op overhead of
+# eager PyTorch and for the intra-op threads to have work (see benchmarks/bench_cross_entropy.py).
+CHUNK_ELEMENTS = 1 << 21
+
+
+def rows_per_chunk(vocab_size: int, chunk_size: int | None = None) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else about :data:`CHUNK_ELEMENTS` elements."""
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    return max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Autograd Function: ``(N, V)`` logits -> ``(N,)`` weighted per-row losses (float32)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        logits: Tensor,  # (N, V) float32 / bf16 / fp16 / fp64
+        targets: Tensor,  # (N,) int64, 0 where the row does not count
+        weights: Tensor,  # (N,) float32, 0 where the row does not count
+        counted: Tensor,  # (N,) bool
+        options: LossOptions,
+        inplace_backward: bool,
+        chunk_rows: int,
+    ) -> Tensor:
+        n_rows, vocab_size = logits.shape
+        lse = logits.new_empty(n_rows, dtype=accumulation_dtype(logits.dtype))
+        weights = weights.to(lse.dtype)
+        target_logit = torch.empty_like(lse)
+        logit_sum = torch.empty_like(lse) if options.label_smoothing > 0 else None
+        for start in range(0, n_rows, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            stats = chunk_statistics(logits[rows], targets[rows], options)
+            lse[rows] = stats.lse
+            target_logit[rows] = stats.target_logit
+            if logit_sum is not None:
+                logit_sum[rows] = stats.logit_sum
+        if options.check_inputs:
+            check_finite_rows(lse, counted, "logits")
+        stats = RowStatistics(lse, target_logit, logit_sum)
+        loss, alpha, beta, delta = loss_and_coefficients(stats, weights, vocab_size, options)
+        ctx.save_for_backward(logits, targets, weights, lse, alpha, beta, delta)
+        ctx.options, ctx.inplace_backward, ctx.chunk_rows = options, inplace_backward, chunk_rows
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        logits, targets, weights, lse, alpha, beta, delta = ctx.saved_tensors
+        alpha, beta, delta = scale_coefficients(alpha, beta, delta, grad_loss.to(weights.dtype) * weights)
+        grad = logits if ctx.inplace_backward else torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            grad[rows] = chunk_gradient(
+                logits[rows], targets[rows], lse[rows], alpha[rows], beta[rows], delta[rows], ctx.options
+            )
+        return grad, None, None, None, None, None, None
+
+
+def cross_entropy_rows(
+    logits: Tensor,
+    targets: Tensor,
+    weights: Tensor,
+    counted: Tensor,
+    options: LossOptions,
+    *,
+    inplace_backward: bool = False,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-row weighted losses ``(N,)`` float32 of ``(N, V)`` logits (see :mod:`tokenloss.ops.rowwise`)."""
+    chunk_rows = rows_per_chunk(logits.shape[-1], chunk_size)
+    return CrossEntropyFunction.apply(logits, targets, weights, counted, options, inplace_backward, chunk_rows)

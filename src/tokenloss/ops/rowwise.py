@@ -1,0 +1,195 @@
+"""The per-row math of the loss and its gradient, on chunks of rows, in float32 (float64 for float64 input).
+
+Every torch implementation (plain, fused, vocabulary-parallel) is built from three steps:
+
+1. :func:`chunk_statistics` reads a chunk of logits ``(n, V)`` once and returns per-row
+   statistics: the log-sum-exp, the target's (capped) logit and, for label smoothing, the sum of
+   the (capped) logits.
+2. :func:`loss_and_coefficients` turns those ``(N,)`` statistics into the per-row loss and three
+   per-row coefficients ``alpha, beta, delta`` such that the gradient of the row's loss with
+   respect to its (capped) logits ``z`` is
+
+       dloss/dz = alpha * softmax(z) - beta * onehot(target) - delta
+
+   With no options this is ``softmax - onehot`` (alpha = beta = 1, delta = 0). Label smoothing
+   adds ``delta = eps / V`` and lowers ``beta``; z-loss adds ``2 * z_loss * lse`` to alpha; focal
+   loss scales everything by ``(1 - p_t) ** gamma`` and adds the derivative of that factor.
+3. :func:`chunk_gradient` recomputes ``softmax`` for a chunk from the saved log-sum-exp and
+   writes that gradient (times the soft-capping derivative ``1 - (z / c) ** 2``).
+
+So the ``(N, V)`` probabilities never exist: only one chunk of them at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tokenloss.options import LossOptions
+
+
+@dataclass
+class RowStatistics:
+    """Per-row quantities of a batch of rows, each ``(N,)`` float32.
+
+    ``lse``: logsumexp of the capped logits; ``target_logit``: the capped logit of the target;
+    ``logit_sum``: sum of the capped logits over the vocabulary (only with label smoothing).
+    """
+
+    lse: Tensor
+    target_logit: Tensor
+    logit_sum: Tensor | None
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs (so that gradcheck is exact), float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def capped(logits: Tensor, softcap: float | None) -> Tensor:
+    """``softcap * tanh(logits / softcap)`` in the accumulation dtype, or the logits in it without a cap."""
+    x = logits.to(accumulation_dtype(logits.dtype))
+    if softcap is None:
+        return x
+    return torch.tanh(x / softcap).mul_(softcap)
+
+
+def chunk_statistics(logits: Tensor, targets: Tensor, options: LossOptions) -> RowStatistics:
+    """Statistics of one chunk of rows.
+
+    Args:
+        logits: ``(n, V)`` any float dtype; read once.
+        targets: ``(n,)`` int64 in ``[0, V)``.
+        options: loss options (softcap and label_smoothing are used here).
+
+    Returns:
+        :class:`RowStatistics` with ``(n,)`` float32 tensors.
+    """
+    z = capped(logits, options.softcap)  # (n, V) float32: a copy only for bf16/fp16 or softcap
+    lse = torch.logsumexp(z, dim=-1)
+    target_logit = z.gather(1, targets.unsqueeze(1)).squeeze(1)
+    logit_sum = z.sum(dim=-1) if options.label_smoothing > 0 else None
+    return RowStatistics(lse, target_logit, logit_sum)
+
+
+def loss_and_coefficients(
+    stats: RowStatistics, weights: Tensor, vocab_size: int, options: LossOptions
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row weighted losses and gradient coefficients.
+
+    Args:
+        stats: ``(N,)`` statistics from :func:`chunk_statistics` (whole-vocabulary values).
+        weights: ``(N,)`` float32; 0 for rows that do not count.
+        vocab_size: V.
+        options: loss options.
+
+    Returns:
+        ``(loss, alpha, beta, delta)``, each ``(N,)`` float32. ``loss`` is already multiplied by
+        the weight and is exactly 0 where the weight is 0 (whatever the logits there). The
+        coefficients are *not* multiplied by the weight (see :func:`scale_coefficients`).
+    """
+    eps, gamma, zl = options.label_smoothing, options.focal_gamma, options.z_loss
+    lse, target_logit = stats.lse, stats.target_logit
+    nll = lse - target_logit
+    ce = nll
+    if eps > 0:
+        ce = (1 - eps) * nll + eps * (lse - stats.logit_sum / vocab_size)
+
+    ones = torch.ones_like(lse)
+    alpha, beta = ones.clone(), ones * (1 - eps)
+    delta = ones * (eps / vocab_size)
+    loss = ce
+    if gamma > 0:
+        log_p_target = target_logit - lse
+        one_minus_p = -torch.expm1(log_p_target)  # accurate when p_target is close to 1
+        focal = one_minus_p.pow(gamma)
+        # d(focal)/dz = gamma * (1 - p_t) ** (gamma - 1) * p_t * (softmax - onehot); its limit at
+        # p_t = 1 is 0 (ce vanishes as fast as 1 - p_t), which pow() alone gets wrong for gamma < 1.
+        slope = torch.where(
+            one_minus_p > 0,
+            gamma * one_minus_p.clamp(min=1e-30).pow(gamma - 1) * log_p_target.exp(),
+            torch.zeros_like(one_minus_p),
+        )
+        loss = focal * ce
+        alpha = focal + ce * slope
+        beta = focal * (1 - eps) + ce * slope
+        delta = focal * (eps / vocab_size)
+    if zl > 0:
+        loss = loss + zl * lse.square()
+        alpha = alpha + 2 * zl * lse
+
+    counts = weights != 0
+    zero = torch.zeros_like(loss)
+    loss = torch.where(counts, loss * weights, zero)
+    return loss, alpha, beta, delta
+
+
+def scale_coefficients(
+    alpha: Tensor, beta: Tensor, delta: Tensor, row_scale: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Multiplies the coefficients by ``row_scale`` (weight times upstream gradient), with exact
+    zeros where the scale is 0 so that non-finite logits of ignored rows never leak a NaN."""
+    counts = row_scale != 0
+    zero = torch.zeros_like(alpha)
+    return (
+        torch.where(counts, alpha * row_scale, zero),
+        torch.where(counts, beta * row_scale, zero),
+        torch.where(counts, delta * row_scale, zero),
+    )
+
+
+def chunk_gradient(
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    delta: Tensor,
+    options: LossOptions,
+    *,
+    target_in_chunk: Tensor | None = None,
+) -> Tensor:
+    """Gradient of the (already scaled) loss with respect to a chunk of raw logits.
+
+    Args:
+        logits: ``(n, V)`` raw logits (before soft-capping), any float dtype.
+        targets: ``(n,)`` int64 column of the target *within this chunk's columns*.
+        lse: ``(n,)`` float32 whole-vocabulary log-sum-exp of the capped logits.
+        alpha, beta, delta: ``(n,)`` float32 scaled coefficients (:func:`scale_coefficients`).
+        options: loss options (softcap is used here).
+        target_in_chunk: optional ``(n,)`` bool; False where the target column lies outside this
+            chunk's columns (vocabulary-parallel shards), so no onehot is subtracted there.
+
+    Returns:
+        ``(n, V)`` gradient in the accumulation dtype, freshly allocated.
+    """
+    z = capped(logits, options.softcap)
+    if z.data_ptr() == logits.data_ptr():
+        z = z.clone()
+    grad = z.sub_(lse.unsqueeze(1)).exp_().mul_(alpha.unsqueeze(1))  # alpha * softmax
+    onehot_coeff = beta if target_in_chunk is None else torch.where(target_in_chunk, beta, torch.zeros_like(beta))
+    grad.scatter_add_(1, targets.unsqueeze(1), -onehot_coeff.unsqueeze(1))
+    grad.sub_(delta.unsqueeze(1))
+    if options.softcap is not None:
+        # dz/dx = 1 - tanh(x / c) ** 2, recomputed from the raw logits
+        tanh = torch.tanh(logits.to(grad.dtype) / options.softcap)
+        grad.mul_(tanh.square_().neg_().add_(1))
+    return grad
+
+
+def check_finite_rows(lse: Tensor, counted: Tensor, name: str) -> None:
+    """Raises ValueError if a counted row's log-sum-exp is NaN or infinite.
+
+    A NaN anywhere in a row, a ``+inf``, or a row of only ``-inf`` shows up here, so this
+    O(N) check replaces an O(N * V) scan of the logits. It costs one host sync on CUDA.
+    """
+    bad = counted & ~torch.isfinite(lse)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{name} contain NaN or infinite values in {int(bad.sum())} counted row(s) (first: row {first} "
+            "of the flattened rows); the loss would be NaN. Fix the model's output, or pass "
+            "check_inputs=False to skip this check"
+        )

@@ -1,0 +1,219 @@
+"""Loss options and the checks and bookkeeping shared by every implementation.
+
+Every path (plain, fused, vocabulary-parallel, Triton) takes the user's tensors through
+:func:`prepare_targets`: it checks shapes and dtypes, applies the causal shift to the *targets*
+(never copying the logits), folds ``ignore_index``, ``mask`` and ``token_weights`` into one
+per-row weight, and computes the denominator of the mean. What is left for an implementation is
+the per-row math of :mod:`tokenloss.ops.rowwise` on ``(N, V)`` rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("mean", "sum", "none")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The options that change the per-row math, checked once.
+
+    Attributes:
+        ignore_index: target value of positions that do not count.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        label_smoothing: ``eps`` in ``[0, 1]``: the target distribution is
+            ``(1 - eps) * onehot + eps / V`` (PyTorch's definition).
+        z_loss: coefficient of ``logsumexp(z) ** 2`` per counted row (PaLM); ``>= 0``.
+        softcap: ``c > 0`` turns logits into ``c * tanh(logits / c)`` first (Gemma 2), or None.
+        focal_gamma: ``gamma >= 0``; each row's loss is multiplied by ``(1 - p_target) ** gamma``.
+        check_inputs: check target ranges and non-finite logits (one host sync each on CUDA).
+    """
+
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    focal_gamma: float = 0.0
+    check_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        _check_number("label_smoothing", self.label_smoothing, low=0.0, high=1.0)
+        _check_number("z_loss", self.z_loss, low=0.0)
+        _check_number("focal_gamma", self.focal_gamma, low=0.0)
+        if self.softcap is not None:
+            _check_number("softcap", self.softcap, low=0.0)
+            if self.softcap == 0:
+                raise ValueError("softcap must be a positive number or None, got 0")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+
+
+def _check_number(name: str, value: object, *, low: float, high: float = math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (low <= value <= high) or math.isnan(value):
+        bounds = f"in [{low}, {high}]" if high != math.inf else f">= {low}"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+
+
+@dataclass
+class PreparedTargets:
+    """Targets flattened to rows, with everything the per-row math needs.
+
+    Attributes:
+        targets: ``(N,)`` int64; rows that do not count hold 0 so that gathers stay in range.
+        weights: ``(N,)`` float32; 0 for rows that do not count, the token weight (or 1) otherwise.
+        counted: ``(N,)`` bool; True where the row counts.
+        denominator: 0-dim float32 tensor that the summed loss is divided by for ``"mean"``.
+        out_shape: shape of the ``"none"`` result (the targets' shape after the shift).
+        shifted: whether rows past each sequence's end were added by the shift (they never
+            count) and must be cut from a ``"none"`` result.
+    """
+
+    targets: Tensor
+    weights: Tensor
+    counted: Tensor
+    denominator: Tensor
+    out_shape: tuple[int, ...]
+    shifted: bool
+
+    def reduce(self, row_losses: Tensor, reduction: str) -> Tensor:
+        """Turns ``(N,)`` float32 per-row losses into the requested reduction."""
+        if reduction == "sum":
+            return row_losses.sum()
+        if reduction == "mean":
+            return row_losses.sum() / self.denominator
+        full_shape = self.out_shape[:-1] + (self.out_shape[-1] + 1,) if self.shifted else self.out_shape
+        per_token = row_losses.view(full_shape)
+        return per_token[..., :-1] if self.shifted else per_token
+
+
+def check_logits(logits: Tensor, name: str = "logits") -> None:
+    """Raises TypeError/ValueError unless ``logits`` is a floating ``(..., V)`` tensor with V >= 1."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, bfloat16, float16 or float64, got {logits.dtype}"
+        )
+    if logits.ndim < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
+
+
+def prepare_targets(
+    leading_shape: tuple[int, ...],
+    targets: Tensor,
+    vocab_size: int | None,
+    options: LossOptions,
+    *,
+    mask: Tensor | None = None,
+    shift: bool = False,
+    token_weights: Tensor | None = None,
+    num_items: int | float | Tensor | None = None,
+    input_name: str = "logits",
+) -> PreparedTargets:
+    """Checks targets and their companions against the input's leading shape and flattens them.
+
+    Args:
+        leading_shape: the input's shape without its last dimension (``logits.shape[:-1]`` or
+            ``hidden.shape[:-1]``).
+        targets: ``(*leading_shape)`` integer tensor.
+        vocab_size: V, for the range check of targets (None skips it: vocab-parallel shards
+            check against the global V themselves).
+        options: the checked loss options.
+        mask: optional bool tensor shaped like ``targets``; True marks positions that count.
+        shift: causal shift: the input at position t predicts the target at t + 1 along the
+            sequence dimension (the input's second-to-last, the targets' last).
+        token_weights: optional floating tensor shaped like ``targets``.
+        num_items: optional count that the summed loss is divided by for ``"mean"``.
+        input_name: the name of the input in error messages.
+
+    Raises:
+        TypeError: targets not integer, mask not bool, token_weights not floating.
+        ValueError: shapes that do not match, targets out of ``[0, V)`` that are not
+            ``ignore_index``, a shift on a sequence of length < 1, non-positive ``num_items``.
+    """
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor (int64 class indices), got {targets.dtype}")
+    if tuple(targets.shape) != tuple(leading_shape):
+        raise ValueError(
+            f"targets must have shape {tuple(leading_shape)} (the {input_name}' shape without its last "
+            f"dimension), got {tuple(targets.shape)}"
+        )
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+            raise TypeError(f"mask must be a bool tensor (True = position counts), got {got}")
+        if mask.shape != targets.shape:
+            raise ValueError(f"mask must have the shape of targets {tuple(targets.shape)}, got {tuple(mask.shape)}")
+    if token_weights is not None:
+        if not isinstance(token_weights, Tensor) or not token_weights.dtype.is_floating_point:
+            got = token_weights.dtype if isinstance(token_weights, Tensor) else type(token_weights).__name__
+            raise TypeError(f"token_weights must be a floating tensor, got {got}")
+        if token_weights.shape != targets.shape:
+            raise ValueError(
+                f"token_weights must have the shape of targets {tuple(targets.shape)}, "
+                f"got {tuple(token_weights.shape)}"
+            )
+    if shift and targets.ndim < 1:
+        raise ValueError(f"shift=True needs a sequence dimension: {input_name} must be (..., T, V)")
+
+    targets = targets.long()
+    out_shape = tuple(targets.shape)
+    if shift:
+        # Shift the targets left instead of slicing the input: slicing (B, T, V) logits to
+        # (B, T-1, V) and flattening would copy all of them. The last position of each sequence
+        # gets ignore_index and is cut from a "none" result.
+        pad = torch.full_like(targets[..., :1], options.ignore_index)
+        targets = torch.cat([targets[..., 1:], pad], dim=-1)
+        if mask is not None:
+            mask = torch.cat([mask[..., 1:], torch.zeros_like(mask[..., :1])], dim=-1)
+        if token_weights is not None:
+            token_weights = torch.cat([token_weights[..., 1:], torch.zeros_like(token_weights[..., :1])], dim=-1)
+        out_shape = out_shape[:-1] + (max(out_shape[-1] - 1, 0),)
+
+    targets = targets.reshape(-1)
+    counted = targets != options.ignore_index
+    if mask is not None:
+        counted = counted & mask.reshape(-1)
+    if options.check_inputs and vocab_size is not None and targets.numel() > 0:
+        bad = counted & ((targets < 0) | (targets >= vocab_size))
+        if bool(bad.any()):
+            value = int(targets[bad][0])
+            raise ValueError(
+                f"targets must be in [0, {vocab_size}) or equal ignore_index={options.ignore_index}; "
+                f"found {value} at {int(bad.sum())} position(s)"
+            )
+    safe_targets = torch.where(counted, targets, torch.zeros_like(targets))
+    weights = counted.float()
+    if token_weights is not None:
+        weights = torch.where(counted, token_weights.reshape(-1).float(), weights)
+
+    if num_items is None:
+        denominator = counted.sum().clamp(min=1).float()
+    else:
+        denominator = _num_items_tensor(num_items, device=targets.device)
+    return PreparedTargets(safe_targets, weights, counted, denominator, out_shape, shift)
+
+
+def _num_items_tensor(num_items: int | float | Tensor, device: torch.device) -> Tensor:
+    if isinstance(num_items, Tensor):
+        if num_items.numel() != 1:
+            raise ValueError(f"num_items must be a number or a 1-element tensor, got shape {tuple(num_items.shape)}")
+        return num_items.reshape(()).to(device=device, dtype=torch.float32).clamp(min=1)
+    if isinstance(num_items, bool) or not isinstance(num_items, (int, float)):
+        raise TypeError(f"num_items must be a number or a tensor, got {type(num_items).__name__}")
+    if num_items < 0 or math.isnan(num_items):
+        raise ValueError(f"num_items must be >= 0 (the number of counted tokens), got {num_items}")
+    # A global count of 0 means nothing counted anywhere: the loss is 0, so any divisor works.
+    return torch.tensor(max(float(num_items), 1.0), device=device)

@@ -1,0 +1,85 @@
+"""The cross-entropy loss of next-token prediction, written out plainly: the formulas a learner reads.
+
+This is the specification every fast path in tokenloss is tested against. It builds the full
+``(N, V)`` log-probabilities and lets autograd find the gradient, so it is simple and slow.
+
+For one position with logits ``x`` (shape ``(V,)``) and target ``t``:
+
+    z      = softcap * tanh(x / softcap)             (only when softcap is set; Gemma 2)
+    log_p  = z - logsumexp(z)                        (log-softmax, computed stably)
+    nll    = -log_p[t]                               (the cross-entropy)
+    ce     = (1 - eps) * nll + eps * mean_j(-log_p[j])   (label smoothing, as PyTorch defines it)
+    focal  = (1 - p[t]) ** gamma                     (focal loss; 1 when gamma = 0)
+    loss   = weight * (focal * ce + z_loss * logsumexp(z) ** 2)
+
+and the batch loss is the sum over positions that count, divided by their number (``"mean"``),
+or by ``num_items`` when it is given. A position counts when its target is not ``ignore_index``
+and its mask (if any) is True.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def reference_cross_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    ignore_index: int = -100,
+    mask: Tensor | None = None,
+    shift: bool = False,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    focal_gamma: float = 0.0,
+    token_weights: Tensor | None = None,
+    num_items: int | Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """Cross-entropy computed straight from the formulas, in ``dtype`` (float64 by default).
+
+    Args:
+        logits: ``(..., V)`` floating tensor.
+        targets: ``(...)`` integer tensor, same leading shape as ``logits``.
+        (the rest): as in :func:`tokenloss.cross_entropy`.
+
+    Returns:
+        A scalar for ``"mean"`` and ``"sum"``; per-position losses shaped like ``targets`` (after
+        the shift) for ``"none"``, 0 where a position does not count. The result is in ``dtype``.
+    """
+    if shift:
+        logits = logits[..., :-1, :]
+        targets = targets[..., 1:]
+        mask = None if mask is None else mask[..., 1:]
+        token_weights = None if token_weights is None else token_weights[..., 1:]
+
+    x = logits.to(dtype)
+    vocab_size = x.shape[-1]
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+
+    counts = targets != ignore_index
+    if mask is not None:
+        counts = counts & mask
+    safe_targets = torch.where(counts, targets, torch.zeros_like(targets))
+
+    log_p = torch.log_softmax(x, dim=-1)
+    log_p_target = log_p.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    nll = -log_p_target
+    ce = (1 - label_smoothing) * nll + label_smoothing * (-log_p.sum(-1) / vocab_size)
+    if focal_gamma:
+        ce = (1 - log_p_target.exp()) ** focal_gamma * ce
+    loss = ce + z_loss * torch.logsumexp(x, dim=-1) ** 2
+    if token_weights is not None:
+        loss = loss * token_weights.to(dtype)
+    loss = torch.where(counts, loss, torch.zeros_like(loss))
+
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    denominator = counts.sum() if num_items is None else torch.as_tensor(num_items)
+    return loss.sum() / denominator.clamp(min=1).to(dtype)
