@@ -1,0 +1,323 @@
+"""``tokenloss eval``: the loss of a causal LM on a text, as perplexity, bits per token/byte, accuracy and ECE.
+
+A thin layer over :func:`tokenloss.models.load_model`, :func:`tokenloss.scoring.evaluate` and
+:func:`tokenloss.reports.write_report`: it reads the text (a file or stdin), starts a process group
+when run under ``torchrun`` (gloo on CPU, NCCL on CUDA), and prints a table or one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tokenloss.cli.errors import CLIError
+
+EXAMPLES = """
+Examples:
+
+  tokenloss eval --text notes.txt              # the built-in byte GPT
+
+  cat notes.txt | tokenloss eval --json        # stdin, one JSON object
+
+  tokenloss eval --model ./gpt2 --text wiki.txt -L 1024 -S 512 --out rep/
+
+  tokenloss eval --model ./llama --text wiki.txt --dtype bfloat16 --device cuda
+
+  torchrun --nproc-per-node 2 -m tokenloss eval --model ./gpt2 --text wiki.txt
+"""
+
+
+def read_text(source: str | None, encoding: str) -> tuple[str, str]:
+    """Reads the text from a file, or from stdin when ``source`` is None or ``"-"``; returns (text, label).
+
+    Raises:
+        CLIError: an unknown encoding, a missing or unreadable file, bytes that do not decode.
+    """
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise CLIError(f"unknown encoding {encoding!r}: pass a Python codec name to --encoding, e.g. utf-8") from None
+    if source is None or source == "-":
+        data, label = sys.stdin.buffer.read(), "stdin"
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise CLIError(f"text file {source!r} does not exist")
+        if not path.is_file():
+            raise CLIError(f"{source!r} is not a file: pass a text file to --text (or - for stdin)")
+        try:
+            data, label = path.read_bytes(), source
+        except OSError as error:
+            raise CLIError(f"cannot read {source!r}: {error.strerror}") from None
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise CLIError(
+            f"{label} is not valid {encoding} (byte 0x{data[error.start]:02x} at offset {error.start}): "
+            f"pass its encoding with --encoding, e.g. --encoding latin-1 or --encoding cp1252"
+        ) from None
+    if text.startswith("\ufeff"):
+        text = text[1:]  # a byte-order mark is not part of the text
+    if not text:
+        raise CLIError(f"{label} is empty: give a text to evaluate")
+    return text, label
+
+
+def _setup_distributed(device: str) -> tuple[bool, int, int, str]:
+    """Starts a process group from torchrun's environment if WORLD_SIZE > 1; returns (created, rank, world, device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return False, 0, 1, device
+    import torch
+    import torch.distributed as dist
+
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = f"cuda:{local_rank}"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if on_cuda else "gloo")
+        created = True
+    return created, dist.get_rank(), dist.get_world_size(), device
+
+
+def _share_text(source: str | None, encoding: str, rank: int, world_size: int) -> tuple[str, str]:
+    """Rank 0 reads the text and sends it (or its error) to the others."""
+    if world_size == 1:
+        return read_text(source, encoding)
+    import torch.distributed as dist
+
+    payload: list = [None]
+    if rank == 0:
+        try:
+            payload = [("ok", *read_text(source, encoding))]
+        except CLIError as error:
+            payload = [("error", str(error), "")]
+    dist.broadcast_object_list(payload, src=0)
+    status, first, second = payload[0]
+    if status == "error":
+        raise CLIError(first)
+    return first, second
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}" if abs(value) < 1e7 else f"{value:.4e}"
+
+
+def format_summary(result: dict) -> str:
+    """The human-readable summary: settings, the first token, and the metrics table."""
+    from tokenloss.models import display_token
+
+    first = result.get("first_token") or {}
+    lines = [
+        f"model    {result['model_description']}",
+        f"text     {result['text_source']}: {result['characters']} characters, {result['text_bytes']} bytes, "
+        f"{result['text_words']} words -> {result['text_tokens']} tokens",
+        f"windows  {result['windows']} of up to {result['max_length']} tokens, stride {result['stride']}"
+        + (f", over {result['world_size']} processes" if result["world_size"] > 1 else ""),
+    ]
+    token = display_token(first.get("text", ""))
+    if result["bos"]:
+        lines.append(f"BOS      yes (id {result['bos_token_id']}) before every window: every token is scored")
+        if first.get("surprisal_bits") is not None:
+            lines.append(f"first    {token!r} scored after BOS: {first['surprisal_bits']:.2f} bits")
+    else:
+        lines.append("BOS      no (" + result["bos_reason"] + ")")
+        lines.append(f"first    {token!r} not scored (no context); the numbers below count the other tokens")
+    top_k = [key for key in result if key.startswith("top") and key.endswith("_accuracy") and key != "top1_accuracy"]
+    extra_acc = ", ".join(f"{key[3:-9]}: {_fmt(result[key])}" for key in top_k)
+    rows = [
+        ("tokens", result["tokens"], "scored tokens"),
+        ("loss", result["loss_nats"], "nats per token"),
+        ("perplexity", result["perplexity"], "per token: exp(loss) = 2 ** bits per token"),
+        ("bits per token", result["bits_per_token"], "loss / ln 2"),
+        ("bits per byte", result["bits_per_byte"], f"per UTF-8 byte ({result['bytes']} bytes)"),
+        ("byte perplexity", result["byte_perplexity"], "per byte: 2 ** bits per byte"),
+        ("word perplexity", result["word_perplexity"], f"per word ({result['words']} words, lm-eval count)"),
+        ("accuracy", result["accuracy"], "top-1" + (f"; top-{extra_acc}" if extra_acc else "")),
+        ("mean entropy", result["entropy_nats"], "nats per token, of the predictions"),
+        ("ECE", result["ece"], f"{result['n_bins']} equal-width bins of the top-1 probability"),
+        ("log V", result["log_vocab"], f"nats: the loss of an untrained (uniform) model, V = {result['vocab_size']}"),
+    ]
+    name_width = max(len(name) for name, _, _ in rows)
+    value_width = max(len(_fmt(value)) for _, value, _ in rows)
+    lines.append("")
+    for name, value, note in rows:
+        lines.append(f"  {name:<{name_width}}  {_fmt(value):>{value_width}}  {note}")
+    return "\n".join(lines)
+
+
+def run_eval(
+    *,
+    text: str | None,
+    model: str | None,
+    max_length: int | None,
+    stride: int | None,
+    batch_size: int,
+    device: str,
+    dtype: str,
+    bos: bool | None,
+    encoding: str,
+    out: Path | None,
+    as_json: bool,
+    quiet: bool,
+) -> int:
+    """Does what ``tokenloss eval`` asks; prints on rank 0 only. Returns the exit status."""
+    from tokenloss.models import load_model
+    from tokenloss.scoring import evaluate
+
+    if out is not None and out.exists() and not out.is_dir():
+        raise CLIError(f"--out {str(out)!r} exists and is not a directory")
+    created, rank, world_size, device = _setup_distributed(device)
+    try:
+        source_text, source = _share_text(text, encoding, rank, world_size)
+        lm = load_model(model, device=device, dtype=dtype)
+        evaluation = evaluate(
+            lm,
+            source_text,
+            max_length=max_length,
+            stride=stride,
+            bos=bos,
+            batch_size=batch_size,
+            progress=not quiet and not as_json,
+            gather=out is not None,
+        )
+        if rank != 0:
+            return 0
+        from tokenloss.metrics import count_bytes, count_words
+
+        result = dict(evaluation.result)
+        result.update(
+            {
+                "model_description": lm.describe(),
+                "dtype": str(lm.dtype).removeprefix("torch."),
+                "device": str(lm.device),
+                "text_source": source,
+                "characters": len(source_text),
+                "text_bytes": count_bytes(source_text),
+                "text_words": count_words(source_text),
+                "bos_token_id": lm.bos_token_id if result["bos"] else None,
+                "bos_reason": _bos_reason(lm.bos_token_id, bos, result["bos"]),
+            }
+        )
+        result = _clean(result)
+        if out is not None:
+            from tokenloss.reports import write_report
+
+            written = write_report(evaluation.scores, result, out)
+            result["out"] = {kind: str(path) for kind, path in written.items()}
+        if as_json:
+            print(json.dumps(result, ensure_ascii=False, allow_nan=False))
+        else:
+            print(format_summary(result))
+            if out is not None:
+                print(f"\nwrote {', '.join(path.name for path in written.values())} to {out}")
+        return 0
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _bos_reason(bos_token_id: int | None, asked: bool | None, used: bool) -> str:
+    if used:
+        return "asked for" if asked else "the tokenizer defines one"
+    if bos_token_id is None:
+        return "the tokenizer defines no BOS token"
+    return "--no-bos"
+
+
+def register(app: typer.Typer) -> None:
+    """Adds the ``eval`` command to ``app``."""
+
+    @app.command(
+        "eval",
+        help="Evaluate a causal LM on a text: perplexity per token, byte and word, bits, accuracy, ECE.\n\n"
+        "Scores each token once in sliding windows (up to MAX_LENGTH - 1 tokens of context, STRIDE new "
+        "tokens per window). With no --model, uses the built-in byte-level GPT.",
+        epilog=EXAMPLES,
+    )
+    def eval_command(
+        text: Annotated[
+            str | None, typer.Option("--text", "-t", help="Text file to evaluate; - or none reads stdin.")
+        ] = None,
+        model: Annotated[
+            str | None,
+            typer.Option("--model", "-m", help="Hugging Face or ByteGPT model directory (default: built-in byte GPT)."),
+        ] = None,
+        max_length: Annotated[
+            int | None,
+            typer.Option("--max-length", "-L", help="Inputs per window, BOS included (default: model context)."),
+        ] = None,
+        stride: Annotated[
+            int | None,
+            typer.Option(
+                "--stride",
+                "-S",
+                help="New tokens scored per window, at most MAX_LENGTH - 1 (default: MAX_LENGTH // 2).",
+            ),
+        ] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Windows per forward pass.")] = 1,
+        device: Annotated[str, typer.Option("--device", help="cpu or cuda (cuda:N).")] = "cpu",
+        dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
+        bos: Annotated[
+            bool | None,
+            typer.Option("--bos/--no-bos", help="Put BOS before every window (default: if the tokenizer has one)."),
+        ] = None,
+        encoding: Annotated[str, typer.Option("--encoding", help="Encoding of the text.")] = "utf-8",
+        out: Annotated[
+            Path | None,
+            typer.Option("--out", "-o", help="Directory for tokens.csv/.jsonl, reliability.png, report.html."),
+        ] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    ) -> None:
+        if batch_size < 1:
+            raise CLIError(f"--batch-size must be at least 1, got {batch_size}")
+        if max_length is not None and stride is not None and stride >= max_length:
+            raise CLIError(
+                f"--stride ({stride}) must be smaller than --max-length ({max_length}): "
+                f"use a stride of at most {max_length - 1}"
+            )
+        code = run_eval(
+            text=text,
+            model=model,
+            max_length=max_length,
+            stride=stride,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            bos=bos,
+            encoding=encoding,
+            out=out,
+            as_json=as_json,
+            quiet=quiet,
+        )
+        if code:
+            raise typer.Exit(code)

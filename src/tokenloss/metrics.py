@@ -1,0 +1,533 @@
+"""Metrics that read the loss: perplexity, bits, per-byte and per-word numbers, accuracy, entropy, calibration.
+
+Everything here is a plain function of sums. The rule that keeps sharded and streamed numbers
+exact: sum the loss in nats (and the tokens, bytes, words, correct guesses) first, all-reduce the
+*sums* across ranks, and divide once at the end; never average averages.
+
+The three normalisations of one summed loss ``L`` (nats), which are easy to mix up:
+
+=====================  =========================  ===========================================
+name                   formula                    what it compares
+=====================  =========================  ===========================================
+token perplexity       ``exp(L / tokens)``        models that share a tokenizer
+byte perplexity        ``exp(L / bytes)``         any two models on the same text (UTF-8 bytes)
+word perplexity        ``exp(L / words)``         any two models; words as lm-eval counts them
+=====================  =========================  ===========================================
+
+``bits_per_byte = L / bytes / ln 2`` and ``byte_perplexity = 2 ** bits_per_byte``; the byte and
+word forms follow EleutherAI's lm-evaluation-harness (``bits_per_byte``, ``byte_perplexity``,
+``word_perplexity``), which counts bytes as ``len(text.encode("utf-8"))`` and words as
+``len(re.split(r"\\s+", text))``. Perplexity in base 2, ``2 ** bits_per_token``, is the same number
+as ``exp(loss_nats)``: course material uses both.
+
+The per-token quantities (log-probability of the target, its rank, the predictive entropy, the
+top-1 probability) come from :func:`token_statistics`; the loss itself is
+:func:`tokenloss.cross_entropy` with ``reduction="none"``, never recomputed here. This module
+needs only torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+LN2 = math.log(2.0)
+DEFAULT_BINS = 15
+DEFAULT_TOP_K = (1, 5)
+
+# Rows per chunk in token_statistics: bounds the float32 copies of the logits it makes.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _exp(value: float | Tensor) -> float | Tensor:
+    return torch.exp(value) if isinstance(value, Tensor) else math.exp(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisations of a loss.
+
+
+def perplexity(loss_nats: float | Tensor) -> float | Tensor:
+    """Perplexity ``exp(loss)`` of a mean loss in nats per token (``2 ** bits``; the same number).
+
+    Examples:
+        >>> round(perplexity(math.log(10.0)), 6)
+        10.0
+    """
+    return _exp(loss_nats)
+
+
+def bits_per_token(loss_nats: float | Tensor) -> float | Tensor:
+    """A mean loss in nats per token as bits per token: ``loss / ln 2``.
+
+    Examples:
+        >>> round(bits_per_token(math.log(256)), 6)  # a uniform guess over 256 bytes
+        8.0
+    """
+    return loss_nats / LN2
+
+
+def perplexity_base2(bits: float | Tensor) -> float | Tensor:
+    """Perplexity from bits per token, ``2 ** bits``; equal to :func:`perplexity` of the nats.
+
+    Examples:
+        >>> round(perplexity_base2(3.321928), 4)  # 3.32 bits is a perplexity of 10
+        10.0
+    """
+    return 2.0**bits
+
+
+def bits_per_byte(loss_sum_nats: float | Tensor, num_bytes: int) -> float | Tensor:
+    """lm-evaluation-harness ``bits_per_byte``: summed loss (nats) / UTF-8 bytes / ln 2.
+
+    Raises:
+        ValueError: ``num_bytes`` is not positive.
+    """
+    _check_positive("num_bytes", num_bytes)
+    return loss_sum_nats / num_bytes / LN2
+
+
+def byte_perplexity(loss_sum_nats: float | Tensor, num_bytes: int) -> float | Tensor:
+    """lm-evaluation-harness ``byte_perplexity``: ``exp(summed loss / bytes)`` = ``2 ** bits_per_byte``.
+
+    Raises:
+        ValueError: ``num_bytes`` is not positive.
+    """
+    _check_positive("num_bytes", num_bytes)
+    return _exp(loss_sum_nats / num_bytes)
+
+
+def word_perplexity(loss_sum_nats: float | Tensor, num_words: int) -> float | Tensor:
+    """lm-evaluation-harness ``word_perplexity``: ``exp(summed loss / words)``.
+
+    Raises:
+        ValueError: ``num_words`` is not positive.
+    """
+    _check_positive("num_words", num_words)
+    return _exp(loss_sum_nats / num_words)
+
+
+def count_bytes(text: str) -> int:
+    """UTF-8 bytes of ``text``, as lm-evaluation-harness counts them.
+
+    Examples:
+        >>> count_bytes("naïve")
+        6
+    """
+    return len(text.encode("utf-8"))
+
+
+def count_words(text: str) -> int:
+    """Words of ``text`` as lm-evaluation-harness counts them: ``len(re.split(r"\\s+", text))``.
+
+    (Leading or trailing whitespace adds an empty "word", exactly as in the harness.)
+
+    Examples:
+        >>> count_words("the quick  brown fox")
+        4
+    """
+    return len(re.split(r"\s+", text))
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, Tensor)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {int(value)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-token statistics.
+
+
+@dataclass
+class TokenStatistics:
+    """Per-position statistics of next-token predictions (one row per scored position).
+
+    Attributes:
+        log_prob: ``(N,)`` float32, ``log p(target)`` in nats (``-loss``; at most 0).
+        rank: ``(N,)`` int64, 1 + the number of classes with a strictly larger logit than the
+            target's (1 = the target was the top prediction; ties count in the target's favour).
+        entropy: ``(N,)`` float32, entropy of the predictive distribution in nats.
+        confidence: ``(N,)`` float32, the top-1 probability.
+        top_ids: ``(N, k)`` int64, the k most likely classes, most likely first.
+        top_probs: ``(N, k)`` float32, their probabilities.
+        vocab_size: V, the number of classes of the logits.
+    """
+
+    log_prob: Tensor
+    rank: Tensor
+    entropy: Tensor
+    confidence: Tensor
+    top_ids: Tensor
+    top_probs: Tensor
+    vocab_size: int
+
+    def __len__(self) -> int:
+        return self.log_prob.shape[0]
+
+    def select(self, index: Tensor | slice) -> TokenStatistics:
+        """The rows picked by ``index`` (a bool mask, an index tensor or a slice)."""
+        return TokenStatistics(
+            log_prob=self.log_prob[index],
+            rank=self.rank[index],
+            entropy=self.entropy[index],
+            confidence=self.confidence[index],
+            top_ids=self.top_ids[index],
+            top_probs=self.top_probs[index],
+            vocab_size=self.vocab_size,
+        )
+
+    @staticmethod
+    def concatenate(parts: list[TokenStatistics]) -> TokenStatistics:
+        """Rows of several statistics, in order (all with the same V and k).
+
+        Raises:
+            ValueError: ``parts`` is empty or the parts differ in V.
+        """
+        if not parts:
+            raise ValueError("TokenStatistics.concatenate needs at least one part")
+        if len({part.vocab_size for part in parts}) != 1:
+            raise ValueError("TokenStatistics.concatenate: the parts have different vocab sizes")
+        return TokenStatistics(
+            log_prob=torch.cat([p.log_prob for p in parts]),
+            rank=torch.cat([p.rank for p in parts]),
+            entropy=torch.cat([p.entropy for p in parts]),
+            confidence=torch.cat([p.confidence for p in parts]),
+            top_ids=torch.cat([p.top_ids for p in parts]),
+            top_probs=torch.cat([p.top_probs for p in parts]),
+            vocab_size=parts[0].vocab_size,
+        )
+
+
+def _flatten(logits: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    if not isinstance(logits, Tensor) or not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be a floating torch.Tensor, got {getattr(logits, 'dtype', type(logits))}")
+    if logits.ndim < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
+    if not isinstance(targets, Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer torch.Tensor, got {getattr(targets, 'dtype', type(targets))}")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"targets must have shape {tuple(logits.shape[:-1])} (the logits' shape without V), "
+            f"got {tuple(targets.shape)}"
+        )
+    rows = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    flat_targets = targets.reshape(-1).long()  # (N,)
+    keep = flat_targets != ignore_index
+    if not bool(keep.all()):
+        rows, flat_targets = rows[keep], flat_targets[keep]
+    return rows, flat_targets
+
+
+def token_statistics(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    top_k: int = 5,
+    ignore_index: int = -100,
+) -> TokenStatistics:
+    """Log-probability, rank, entropy and top-k of each prediction; positions with ``ignore_index`` dropped.
+
+    The log-probability is ``-tokenloss.cross_entropy(logits, targets, reduction="none")``; the
+    rest uses ``log_softmax`` in float32, a chunk of rows at a time (no ``(N, V)`` float32 copy
+    of a large batch at once). No shift: row ``i`` of ``logits`` predicts ``targets[i]``.
+
+    Args:
+        logits: ``(..., V)`` float32, bfloat16, float16 or float64.
+        targets: ``(...)`` integer class indices in ``[0, V)`` or ``ignore_index``.
+        top_k: how many most likely classes to keep per row (clamped to V).
+        ignore_index: target value of positions to leave out.
+
+    Returns:
+        :class:`TokenStatistics` with one row per kept position, on the logits' device.
+
+    Raises:
+        TypeError: logits not floating, targets not integer.
+        ValueError: shapes that do not match, a target outside ``[0, V)``, non-finite logits
+            in a kept row (from :func:`tokenloss.cross_entropy`).
+    """
+    from tokenloss.functional import cross_entropy
+
+    rows, flat_targets = _flatten(logits, targets, ignore_index)
+    n_rows, vocab_size = rows.shape
+    k = max(1, min(int(top_k), vocab_size))
+    log_prob = -cross_entropy(rows, flat_targets, reduction="none", ignore_index=ignore_index)  # (N,) float32
+    rank = torch.empty(n_rows, dtype=torch.int64, device=rows.device)
+    entropy = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
+    top_probs = torch.empty(n_rows, k, dtype=torch.float32, device=rows.device)
+    top_ids = torch.empty(n_rows, k, dtype=torch.int64, device=rows.device)
+    chunk = max(1, _CHUNK_ELEMENTS // vocab_size)
+    for start in range(0, n_rows, chunk):
+        part = slice(start, start + chunk)
+        x = rows[part].float()  # (n, V) float32
+        log_p = torch.log_softmax(x, dim=-1)  # (n, V)
+        p = log_p.exp()
+        # p * log p -> 0 where p underflows to 0 (log p may be -inf there).
+        entropy[part] = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+        target_logit = x.gather(-1, flat_targets[part].unsqueeze(-1))  # (n, 1)
+        rank[part] = 1 + (x > target_logit).sum(-1)
+        values, ids = log_p.topk(k, dim=-1)
+        top_probs[part] = values.exp()
+        top_ids[part] = ids
+    return TokenStatistics(
+        log_prob=log_prob,
+        rank=rank,
+        entropy=entropy,
+        confidence=top_probs[:, 0].clone(),
+        top_ids=top_ids,
+        top_probs=top_probs,
+        vocab_size=vocab_size,
+    )
+
+
+def accuracy(logits: Tensor, targets: Tensor, *, k: int = 1, ignore_index: int = -100) -> Tensor:
+    """Top-k accuracy: the fraction of positions whose target is among the k largest logits.
+
+    Ties count in the target's favour (a target tied with the top logit is a top-1 hit).
+
+    Returns:
+        A 0-dim float64 tensor (NaN when no position counts).
+
+    Raises:
+        ValueError: ``k < 1``; the checks of :func:`token_statistics`.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    stats = token_statistics(logits, targets, top_k=1, ignore_index=ignore_index)
+    return (stats.rank <= k).double().mean()
+
+
+def mean_entropy(logits: Tensor, *, targets: Tensor | None = None, ignore_index: int = -100) -> Tensor:
+    """Mean entropy of the predictive distributions, in nats (positions with ``ignore_index`` dropped).
+
+    Args:
+        logits: ``(..., V)`` floating tensor.
+        targets: optional, only to drop positions whose target is ``ignore_index``.
+
+    Returns:
+        A 0-dim float64 tensor; ``log V`` for uniform logits.
+    """
+    if targets is None:
+        targets = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+    return token_statistics(logits, targets, top_k=1, ignore_index=ignore_index).entropy.double().mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration: equal-width bins of the top-1 probability.
+
+
+@dataclass
+class ReliabilityDiagram:
+    """The data of a reliability diagram and its expected calibration error.
+
+    Bin ``b`` holds the predictions whose top-1 probability lies in ``(edges[b], edges[b + 1]]``
+    (the first bin also takes 0).
+
+    Attributes:
+        edges: ``n_bins + 1`` bin edges from 0 to 1.
+        count: predictions per bin.
+        confidence: mean top-1 probability per bin (NaN for an empty bin).
+        accuracy: fraction of top-1 hits per bin (NaN for an empty bin).
+        ece: ``sum_b count_b / N * |accuracy_b - confidence_b|`` (NaN when N = 0).
+    """
+
+    edges: list[float]
+    count: list[int]
+    confidence: list[float]
+    accuracy: list[float]
+    ece: float
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (NaN becomes None)."""
+
+        def clean(values: list[float]) -> list[float | None]:
+            return [None if math.isnan(v) else v for v in values]
+
+        return {
+            "edges": self.edges,
+            "count": self.count,
+            "confidence": clean(self.confidence),
+            "accuracy": clean(self.accuracy),
+            "ece": None if math.isnan(self.ece) else self.ece,
+        }
+
+
+def _check_bins(n_bins: int) -> None:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+
+
+def _calibration_update(confidence: Tensor, correct: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Sufficient statistics per bin: (count int64, sum of confidence float64, hits int64), each ``(n_bins,)``."""
+    confidence = confidence.reshape(-1).double()
+    correct = correct.reshape(-1)
+    index = (torch.ceil(confidence * n_bins).long() - 1).clamp_(0, n_bins - 1)  # (N,)
+    count = torch.zeros(n_bins, dtype=torch.int64, device=confidence.device)
+    confidence_sum = torch.zeros(n_bins, dtype=torch.float64, device=confidence.device)
+    hits = torch.zeros(n_bins, dtype=torch.int64, device=confidence.device)
+    count.index_add_(0, index, torch.ones_like(index))
+    confidence_sum.index_add_(0, index, confidence)
+    hits.index_add_(0, index, correct.long())
+    return count, confidence_sum, hits
+
+
+def _calibration_compute(count: Tensor, confidence_sum: Tensor, hits: Tensor) -> ReliabilityDiagram:
+    """Reliability diagram and ECE from the per-bin sums; divides once."""
+    n_bins = count.shape[0]
+    count64 = count.double().cpu()
+    confidence_sum = confidence_sum.double().cpu()
+    hits64 = hits.double().cpu()
+    total = count64.sum()
+    nan = torch.full_like(count64, math.nan)
+    mean_confidence = torch.where(count64 > 0, confidence_sum / count64.clamp(min=1), nan)
+    bin_accuracy = torch.where(count64 > 0, hits64 / count64.clamp(min=1), nan)
+    ece = (hits64 - confidence_sum).abs().sum() / total if total > 0 else torch.tensor(math.nan)
+    return ReliabilityDiagram(
+        edges=[b / n_bins for b in range(n_bins + 1)],
+        count=[int(c) for c in count.cpu().tolist()],
+        confidence=mean_confidence.tolist(),
+        accuracy=bin_accuracy.tolist(),
+        ece=float(ece),
+    )
+
+
+def reliability_diagram(confidence: Tensor, correct: Tensor, *, n_bins: int = DEFAULT_BINS) -> ReliabilityDiagram:
+    """Equal-width bins of the top-1 probability: counts, mean confidence, accuracy, and the ECE.
+
+    Args:
+        confidence: ``(N,)`` top-1 probabilities in ``[0, 1]``.
+        correct: ``(N,)`` bool, whether the top-1 prediction was the target.
+        n_bins: number of equal-width bins over ``[0, 1]``.
+
+    Raises:
+        ValueError: ``n_bins < 1``, shapes that differ, confidence outside ``[0, 1]``.
+    """
+    _check_bins(n_bins)
+    if confidence.shape != correct.shape:
+        raise ValueError(f"confidence and correct must have the same shape, got {confidence.shape} and {correct.shape}")
+    if confidence.numel() and not bool(((confidence >= 0) & (confidence <= 1)).all()):
+        raise ValueError("confidence must be probabilities in [0, 1]")
+    return _calibration_compute(*_calibration_update(confidence, correct, n_bins))
+
+
+def expected_calibration_error(confidence: Tensor, correct: Tensor, *, n_bins: int = DEFAULT_BINS) -> float:
+    """ECE with equal-width bins: ``sum_b n_b / N * |accuracy_b - confidence_b|`` (NaN when N = 0).
+
+    Examples:
+        >>> ece = expected_calibration_error(torch.tensor([0.75, 0.75]), torch.tensor([True, False]), n_bins=10)
+        >>> ece  # one bin: accuracy 0.5, confidence 0.75
+        0.25
+    """
+    return reliability_diagram(confidence, correct, n_bins=n_bins).ece
+
+
+# --------------------------------------------------------------------------------------------
+# The sums a loss meter keeps, and the numbers computed from them (shared with LossMeter).
+
+
+def _loss_update(stats: TokenStatistics, *, n_bins: int, top_k: tuple[int, ...]) -> dict[str, Tensor]:
+    """Sufficient statistics of a batch of :class:`TokenStatistics`: sums only, all reducible by "sum"."""
+    count, confidence_sum, hits = _calibration_update(stats.confidence, stats.rank == 1, n_bins)
+    return {
+        "loss_sum_nats": -stats.log_prob.double().sum(),
+        "tokens": torch.tensor(len(stats), dtype=torch.int64, device=stats.log_prob.device),
+        "correct": torch.stack([(stats.rank <= k).sum() for k in top_k]).long(),
+        "entropy_sum_nats": stats.entropy.double().sum(),
+        "bin_count": count,
+        "bin_confidence_sum": confidence_sum,
+        "bin_correct": hits,
+    }
+
+
+def _clean(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _loss_compute(
+    sums: dict[str, Tensor],
+    *,
+    num_bytes: int,
+    num_words: int,
+    top_k: tuple[int, ...],
+    vocab_size: int | None,
+) -> dict:
+    """The reported numbers from the sums; every mean is one division of a sum.
+
+    Raises:
+        ValueError: no token was counted.
+    """
+    tokens = int(sums["tokens"])
+    if tokens == 0:
+        raise ValueError("no token was scored: call update() with at least one counted position first")
+    loss_sum = float(sums["loss_sum_nats"])
+    loss = loss_sum / tokens
+    bits = loss / LN2
+    correct = [int(c) for c in sums["correct"].tolist()]
+    diagram = _calibration_compute(sums["bin_count"], sums["bin_confidence_sum"], sums["bin_correct"])
+    result = {
+        "tokens": tokens,
+        "loss_sum_nats": loss_sum,
+        "loss_nats": loss,
+        "perplexity": _clean(math.exp(loss)) if loss < 700 else None,
+        "bits_per_token": bits,
+        "perplexity_base2": _clean(2.0**bits) if bits < 1000 else None,
+        "bytes": num_bytes,
+        "words": num_words,
+        "bits_per_byte": bits_per_byte(loss_sum, num_bytes) if num_bytes > 0 else None,
+        "byte_perplexity": _clean(_safe_exp(loss_sum / num_bytes)) if num_bytes > 0 else None,
+        "word_perplexity": _clean(_safe_exp(loss_sum / num_words)) if num_words > 0 else None,
+        "accuracy": correct[top_k.index(1)] / tokens if 1 in top_k else None,
+    }
+    for k, hits in zip(top_k, correct):
+        result[f"top{k}_accuracy"] = hits / tokens
+    result.update(
+        {
+            "entropy_nats": float(sums["entropy_sum_nats"]) / tokens,
+            "ece": diagram.ece,
+            "n_bins": len(diagram.count),
+            "vocab_size": vocab_size,
+            "log_vocab": math.log(vocab_size) if vocab_size else None,
+            "reliability": diagram.to_dict(),
+        }
+    )
+    return result
+
+
+def _safe_exp(value: float) -> float:
+    return math.exp(value) if value < 700 else math.inf
+
+
+def summarize(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    text: str | None = None,
+    ignore_index: int = -100,
+    n_bins: int = DEFAULT_BINS,
+    top_k: tuple[int, ...] = DEFAULT_TOP_K,
+) -> dict:
+    """All the numbers of one batch at once: the functional form of :class:`tokenloss.meter.LossMeter`.
+
+    Args:
+        logits: ``(..., V)`` floating tensor; row ``i`` predicts ``targets[i]`` (no shift).
+        targets: ``(...)`` integer class indices or ``ignore_index``.
+        text: the text the counted targets spell, for the per-byte and per-word numbers.
+        ignore_index: target value of positions that do not count.
+        n_bins: calibration bins.
+        top_k: the k of each top-k accuracy reported.
+
+    Returns:
+        The dict of :meth:`tokenloss.meter.LossMeter.compute`.
+    """
+    from tokenloss.meter import LossMeter
+
+    meter = LossMeter(n_bins=n_bins, top_k=top_k)
+    meter.update(logits, targets, ignore_index=ignore_index)
+    if text is not None:
+        meter.count_text(num_bytes=count_bytes(text), num_words=count_words(text))
+    return meter.compute()

@@ -1,0 +1,133 @@
+"""A Hugging Face transformers causal LM and its tokenizer, loaded offline, behind :class:`CausalLM`.
+
+Needs ``pip install 'tokenloss[hf]'``. Nothing is downloaded: the model directory must hold
+``config.json``, the weights and the tokenizer files (what ``save_pretrained`` writes for both).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from tokenloss.models import CausalLM
+
+# Largest plausible context; tokenizers without a limit report about 1e30 as model_max_length.
+_UNBOUNDED = 1_000_000
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+class HFCausalLM(CausalLM):
+    """:class:`CausalLM` over a transformers ``AutoModelForCausalLM`` and its ``AutoTokenizer``.
+
+    Args:
+        model: a transformers causal LM (its forward takes ``input_ids`` and returns ``.logits``).
+        tokenizer: its tokenizer; a fast one gives exact character offsets, a slow one offsets
+            reconstructed from the decoded tokens.
+        name: the name to show.
+    """
+
+    def __init__(self, model, tokenizer, *, name: str) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        output = model.get_output_embeddings()
+        self.vocab_size = int(output.out_features if output is not None else model.config.vocab_size)
+        self.max_length = _context_length(model.config, tokenizer)
+        self.bos_token_id = tokenizer.bos_token_id
+        parameter = next(model.parameters())
+        self.device = parameter.device
+        self.dtype = parameter.dtype
+        self._display: dict[int, str] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        return self.encode_with_offsets(text)[1]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        if getattr(self.tokenizer, "is_fast", False):
+            encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return list(encoding["input_ids"]), [(int(a), int(b)) for a, b in encoding["offset_mapping"]]
+        ids = self.encode(text)
+        return ids, _offsets_from_pieces(text, [self.tokenizer.decode([i]) for i in ids])
+
+    def decode_token(self, token_id: int) -> str:
+        if token_id not in self._display:
+            text = self.tokenizer.decode([token_id])
+            if "\ufffd" in text:  # part of a multi-byte character: show the raw token instead
+                text = str(self.tokenizer.convert_ids_to_tokens(token_id))
+            self._display[token_id] = text
+        return self._display[token_id]
+
+    def logits(self, input_ids: Tensor) -> Tensor:
+        output = self.model(input_ids=input_ids.to(self.device), use_cache=False)
+        return output.logits.float()  # (B, T, V)
+
+
+def _context_length(config, tokenizer) -> int:
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_seq_len"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < _UNBOUNDED:
+        return value
+    raise ValueError("cannot tell the model's context length from its config or tokenizer: pass --max-length")
+
+
+def _offsets_from_pieces(text: str, pieces: list[str]) -> list[tuple[int, int]]:
+    """Character spans of decoded tokens found in order in ``text`` (for slow tokenizers)."""
+    spans = []
+    position = 0
+    for piece in pieces:
+        stripped = piece.strip()
+        found = text.find(stripped, position) if stripped else -1
+        if found < 0:
+            spans.append((position, position))
+            continue
+        spans.append((found, found + len(stripped)))
+        position = found + len(stripped)
+    return spans
+
+
+def load_hf_model(directory: str | Path, *, device: torch.device, dtype: torch.dtype) -> HFCausalLM:
+    """Loads ``AutoModelForCausalLM`` and ``AutoTokenizer`` from ``directory`` with ``local_files_only=True``.
+
+    Raises:
+        ImportError: transformers is not installed.
+        ValueError: transformers cannot load the directory (the message says why, in one line).
+    """
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("a Hugging Face model needs transformers: pip install 'tokenloss[hf]'") from None
+
+    directory = Path(directory)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    progress = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"cannot load a tokenizer from {str(directory)!r}: {_first_line(error)}") from None
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"cannot load a causal LM from {str(directory)!r}: {_first_line(error)}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if progress:
+            transformers.utils.logging.enable_progress_bar()
+    model = model.to(device)
+    return HFCausalLM(model, tokenizer, name=directory.resolve().name)
