@@ -1,0 +1,90 @@
+"""What the Triton kernels share: the soft-capping tanh, dtype mapping, and the device check.
+
+Triton decides when a kernel is *defined* (``@triton.jit`` runs at import) whether it will be
+compiled for a GPU or run by Triton's CPU interpreter (``TRITON_INTERPRET=1`` at that moment).
+:func:`kernels_interpreted` reads that decision back from a kernel object, so the device check
+below is right whatever the environment says later.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def softcap_tanh(x, cap):
+    """``cap * tanh(x / cap)`` elementwise, in the dtype of ``x``.
+
+    Triton's ``libdevice.tanh`` does not run under the interpreter, so tanh is built from ``exp``:
+    ``(1 - e) / (1 + e)`` with ``e = exp(-2|y|)`` (never overflows; ``+-inf`` map to ``+-1``), and
+    for ``|y| < 1/8``, where that form loses relative precision, the odd Taylor series to ``y**9``
+    (truncation error below ``1e-12`` relative there).
+    """
+    y = x / cap
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    large = (1.0 - e) / (1.0 + e)
+    y2 = y * y
+    small = a * (1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0 + y2 * (62.0 / 2835.0)))))
+    t = tl.where(a < 0.125, small, large)
+    return cap * tl.where(y < 0, -t, t)
+
+
+def triton_dtype(dtype: torch.dtype):
+    """The Triton scalar type of a torch float dtype (accumulators and constexpr casts)."""
+    return {
+        torch.float32: tl.float32,
+        torch.float64: tl.float64,
+        torch.bfloat16: tl.bfloat16,
+        torch.float16: tl.float16,
+    }[dtype]
+
+
+def kernels_interpreted(kernel) -> bool:
+    """True when ``kernel`` (a ``@triton.jit`` object) runs in Triton's CPU interpreter."""
+    return not isinstance(kernel, triton.runtime.jit.JITFunction)
+
+
+def check_device(kernel, *tensors: Tensor) -> None:
+    """Raises ValueError unless the tensors can be handed to ``kernel``.
+
+    Compiled kernels need CUDA tensors; interpreted kernels (defined under ``TRITON_INTERPRET=1``)
+    take CPU tensors. All tensors must be on one device.
+    """
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"impl='triton' needs all tensors on one device, got {sorted(map(str, devices))}")
+    device = next(iter(devices))
+    if kernels_interpreted(kernel):
+        if device.type != "cpu":
+            raise ValueError(
+                f"the Triton kernels were loaded in interpreter mode (TRITON_INTERPRET=1) and take CPU "
+                f"tensors, got a tensor on {device}"
+            )
+    elif device.type != "cuda":
+        raise ValueError(
+            f"impl='triton' runs Triton kernels on CUDA tensors, got a tensor on {device}; use impl='torch' "
+            "(or impl='auto', which picks torch off the GPU), or set TRITON_INTERPRET=1 before importing "
+            "tokenloss.ops.triton to run the kernels in Triton's (slow) CPU interpreter"
+        )
+
+
+def bf16_dot_in_fp32(kernel, dtype: torch.dtype) -> bool:
+    """Whether ``tl.dot`` must get float32 operands instead of bfloat16 ones.
+
+    Triton 3.9's interpreter multiplies bfloat16 blocks wrongly (it treats their bits as integers:
+    results off by 1e10). Upcasting bf16 to float32 is exact, and bf16 x bf16 products accumulated
+    in float32 are what the tensor cores compute, so the interpreted kernels test the same math.
+    Compiled kernels keep bf16 operands (tensor cores).
+    """
+    return dtype == torch.bfloat16 and kernels_interpreted(kernel)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of ``tl.dot`` for float32 operands: TF32 only where PyTorch allows it for matmuls."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
