@@ -69,7 +69,9 @@ def reference_cross_entropy(
     log_p = torch.log_softmax(x, dim=-1)
     log_p_target = log_p.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
     nll = -log_p_target
-    ce = (1 - label_smoothing) * nll + label_smoothing * (-log_p.sum(-1) / vocab_size)
+    ce = nll
+    if label_smoothing:  # (skipped at 0: 0 * inf would turn a -inf logit into a NaN)
+        ce = (1 - label_smoothing) * nll + label_smoothing * (-log_p.sum(-1) / vocab_size)
     if focal_gamma:
         ce = (1 - log_p_target.exp()) ** focal_gamma * ce
     loss = ce + z_loss * torch.logsumexp(x, dim=-1) ** 2

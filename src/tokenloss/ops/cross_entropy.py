@@ -63,24 +63,37 @@ class CrossEntropyFunction(torch.autograd.Function):
             target_logit[rows] = stats.target_logit
             if logit_sum is not None:
                 logit_sum[rows] = stats.logit_sum
-        if options.check_inputs:
-            check_finite_rows(lse, counted, "logits")
+        # Ignored rows may hold NaN/inf (padding); their gradient rows are then zeroed explicitly.
+        # Without the check (check_inputs=False) that is not guaranteed.
+        zero_skipped_rows = check_finite_rows(lse, counted, "logits") if options.check_inputs else False
         stats = RowStatistics(lse, target_logit, logit_sum)
         loss, alpha, beta, delta = loss_and_coefficients(stats, weights, vocab_size, options)
         ctx.save_for_backward(logits, targets, weights, lse, alpha, beta, delta)
         ctx.options, ctx.inplace_backward, ctx.chunk_rows = options, inplace_backward, chunk_rows
+        ctx.zero_skipped_rows = zero_skipped_rows
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         logits, targets, weights, lse, alpha, beta, delta = ctx.saved_tensors
-        alpha, beta, delta = scale_coefficients(alpha, beta, delta, grad_loss.to(weights.dtype) * weights)
+        row_scale = grad_loss.to(weights.dtype) * weights
+        alpha, beta, delta = scale_coefficients(alpha, beta, delta, row_scale)
+        skipped = (row_scale == 0).unsqueeze(1) if ctx.zero_skipped_rows else None  # (N, 1) bool
         grad = logits if ctx.inplace_backward else torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            grad[rows] = chunk_gradient(
-                logits[rows], targets[rows], lse[rows], alpha[rows], beta[rows], delta[rows], ctx.options
+            chunk_gradient(
+                logits[rows],
+                targets[rows],
+                lse[rows],
+                alpha[rows],
+                beta[rows],
+                delta[rows],
+                ctx.options,
+                out=grad[rows],  # written in place: no (n, V) temporary, no copy
             )
+            if skipped is not None:
+                grad[rows].masked_fill_(skipped[rows], 0)
         return grad, None, None, None, None, None, None
 
 

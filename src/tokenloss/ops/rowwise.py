@@ -126,9 +126,7 @@ def loss_and_coefficients(
     return loss, alpha, beta, delta
 
 
-def scale_coefficients(
-    alpha: Tensor, beta: Tensor, delta: Tensor, row_scale: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+def scale_coefficients(alpha: Tensor, beta: Tensor, delta: Tensor, row_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Multiplies the coefficients by ``row_scale`` (weight times upstream gradient), with exact
     zeros where the scale is 0 so that non-finite logits of ignored rows never leak a NaN."""
     counts = row_scale != 0
@@ -150,6 +148,7 @@ def chunk_gradient(
     options: LossOptions,
     *,
     target_in_chunk: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Gradient of the (already scaled) loss with respect to a chunk of raw logits.
 
@@ -158,38 +157,62 @@ def chunk_gradient(
         targets: ``(n,)`` int64 column of the target *within this chunk's columns*.
         lse: ``(n,)`` float32 whole-vocabulary log-sum-exp of the capped logits.
         alpha, beta, delta: ``(n,)`` float32 scaled coefficients (:func:`scale_coefficients`).
-        options: loss options (softcap is used here).
+        options: loss options (softcap is used here; ``delta`` is only subtracted when
+            ``label_smoothing > 0``, the only case where :func:`loss_and_coefficients` makes it
+            non-zero).
         target_in_chunk: optional ``(n,)`` bool; False where the target column lies outside this
             chunk's columns (vocabulary-parallel shards), so no onehot is subtracted there.
+        out: optional ``(n, V)`` tensor the gradient is written into (it may be ``logits``
+            itself: every read of ``logits`` happens before the first write). When its dtype is
+            the accumulation dtype the gradient is computed in it directly, with no ``(n, V)``
+            temporary (none at all without a softcap); otherwise it is computed in a temporary
+            and cast into ``out``.
 
     Returns:
-        ``(n, V)`` gradient in the accumulation dtype, freshly allocated.
+        ``(n, V)`` gradient: ``out`` if given, else a fresh tensor in the accumulation dtype.
     """
-    z = capped(logits, options.softcap)
-    if z.data_ptr() == logits.data_ptr():
-        z = z.clone()
-    grad = z.sub_(lse.unsqueeze(1)).exp_().mul_(alpha.unsqueeze(1))  # alpha * softmax
+    acc = accumulation_dtype(logits.dtype)
+    work = out if out is not None and out.dtype == acc else torch.empty(logits.shape, dtype=acc, device=logits.device)
+    lse_col = lse.unsqueeze(1)
+    if options.softcap is None:
+        # z - lse in one pass that reads the logits and writes `work` (bf16/fp16 promote to float32 here)
+        torch.sub(logits, lse_col, out=work)
+        derivative = None
+    else:
+        tanh = torch.tanh(logits.to(acc) / options.softcap)  # (n, V): read before `work` may overwrite logits
+        torch.mul(tanh, options.softcap, out=work).sub_(lse_col)
+        derivative = tanh.square_().neg_().add_(1)  # dz/dx = 1 - tanh(x / c) ** 2
+    grad = work.exp_().mul_(alpha.unsqueeze(1))  # alpha * softmax
     onehot_coeff = beta if target_in_chunk is None else torch.where(target_in_chunk, beta, torch.zeros_like(beta))
     grad.scatter_add_(1, targets.unsqueeze(1), -onehot_coeff.unsqueeze(1))
-    grad.sub_(delta.unsqueeze(1))
-    if options.softcap is not None:
-        # dz/dx = 1 - tanh(x / c) ** 2, recomputed from the raw logits
-        tanh = torch.tanh(logits.to(grad.dtype) / options.softcap)
-        grad.mul_(tanh.square_().neg_().add_(1))
+    if options.label_smoothing > 0:
+        grad.sub_(delta.unsqueeze(1))
+    if derivative is not None:
+        grad.mul_(derivative)
+    if out is not None and grad is not out:
+        out.copy_(grad)
+        return out
     return grad
 
 
-def check_finite_rows(lse: Tensor, counted: Tensor, name: str) -> None:
+def check_finite_rows(lse: Tensor, counted: Tensor, name: str) -> bool:
     """Raises ValueError if a counted row's log-sum-exp is NaN or infinite.
 
     A NaN anywhere in a row, a ``+inf``, or a row of only ``-inf`` shows up here, so this
     O(N) check replaces an O(N * V) scan of the logits. It costs one host sync on CUDA.
+
+    Returns:
+        True when some row that does *not* count is non-finite: its gradient must then be zeroed
+        explicitly, because ``0 * exp(NaN)`` is NaN.
     """
-    bad = counted & ~torch.isfinite(lse)
-    if bool(bad.any()):
+    nonfinite = ~torch.isfinite(lse)
+    bad = counted & nonfinite
+    any_bad, any_nonfinite = torch.stack([bad.any(), nonfinite.any()]).tolist()
+    if any_bad:
         first = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"{name} contain NaN or infinite values in {int(bad.sum())} counted row(s) (first: row {first} "
             "of the flattened rows); the loss would be NaN. Fix the model's output, or pass "
             "check_inputs=False to skip this check"
         )
+    return bool(any_nonfinite)
