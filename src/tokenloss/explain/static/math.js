@@ -1,0 +1,102 @@
+/* The page's arithmetic of cross-entropy, stable and plain: window.tokenlossMath (tested against tokenloss). */
+(function (root) {
+  "use strict";
+
+  var LN2 = Math.LN2;
+
+  function checkRow(logits) {
+    if (!Array.isArray(logits) || logits.length === 0) {
+      throw new TypeError("logits must be a non-empty array of numbers");
+    }
+  }
+
+  function checkTarget(logits, target) {
+    if (!Number.isInteger(target) || target < 0 || target >= logits.length) {
+      throw new RangeError("target must be an index in [0, " + logits.length + "), got " + target);
+    }
+  }
+
+  /** log(sum_j exp(z_j)), shifted by the largest logit so that exp never overflows (z = +-1000 is fine). */
+  function logSumExp(logits) {
+    checkRow(logits);
+    var m = -Infinity;
+    for (var i = 0; i < logits.length; i++) if (logits[i] > m) m = logits[i];
+    if (!isFinite(m)) return m; // all -inf (or a +inf): nothing sensible to shift by
+    var s = 0;
+    for (var j = 0; j < logits.length; j++) s += Math.exp(logits[j] - m);
+    return m + Math.log(s);
+  }
+
+  /** log softmax(z)_j = z_j - logsumexp(z): never takes the log of an underflowed probability. */
+  function logSoftmax(logits) {
+    var lse = logSumExp(logits);
+    return logits.map(function (z) { return z - lse; });
+  }
+
+  /** softmax(z)_j = exp(z_j - logsumexp(z)): each in [0, 1], summing to 1. */
+  function softmax(logits) {
+    return logSoftmax(logits).map(Math.exp);
+  }
+
+  /** Cross-entropy of one position: -log softmax(z)[t] = logsumexp(z) - z_t, in nats. */
+  function crossEntropy(logits, target) {
+    checkTarget(logits, target);
+    return logSumExp(logits) - logits[target];
+  }
+
+  /** Gradient of crossEntropy(z, t) with respect to z: softmax(z) - onehot(t). */
+  function gradient(logits, target) {
+    checkTarget(logits, target);
+    return softmax(logits).map(function (p, j) { return j === target ? p - 1 : p; });
+  }
+
+  /**
+   * Mean cross-entropy over rows, skipping rows whose target equals ignoreIndex (default -100),
+   * like F.cross_entropy(logits, targets, ignore_index=-100). Returns 0 when no row counts.
+   */
+  function meanCrossEntropy(rows, targets, ignoreIndex) {
+    if (ignoreIndex === undefined) ignoreIndex = -100;
+    if (rows.length !== targets.length) throw new RangeError("rows and targets differ in length");
+    var total = 0, count = 0;
+    for (var i = 0; i < rows.length; i++) {
+      if (targets[i] === ignoreIndex) continue;
+      total += crossEntropy(rows[i], targets[i]);
+      count += 1;
+    }
+    return count === 0 ? 0 : total / count;
+  }
+
+  /** The loss when the right token got probability p: -log p (p = 0 gives +Infinity). */
+  function lossFromProb(p) {
+    if (!(p >= 0 && p <= 1)) throw new RangeError("p must be in [0, 1], got " + p);
+    return -Math.log(p);
+  }
+
+  /** Average of -log p over the tokens of a sentence, in nats. */
+  function meanLossFromProbs(probs) {
+    if (probs.length === 0) throw new RangeError("probs must not be empty");
+    var s = 0;
+    for (var i = 0; i < probs.length; i++) s += lossFromProb(probs[i]);
+    return s / probs.length;
+  }
+
+  function natsToBits(nats) { return nats / LN2; }
+  function bitsToNats(bits) { return bits * LN2; }
+  /** Perplexity from a loss in nats: exp(loss) (= 2 ** loss in bits). */
+  function perplexity(lossNats) { return Math.exp(lossNats); }
+
+  var api = {
+    logSumExp: logSumExp,
+    logSoftmax: logSoftmax,
+    softmax: softmax,
+    crossEntropy: crossEntropy,
+    gradient: gradient,
+    meanCrossEntropy: meanCrossEntropy,
+    lossFromProb: lossFromProb,
+    meanLossFromProbs: meanLossFromProbs,
+    natsToBits: natsToBits,
+    bitsToNats: bitsToNats,
+    perplexity: perplexity,
+  };
+  root.tokenlossMath = Object.freeze(api);
+})(typeof window !== "undefined" ? window : globalThis);

@@ -1,0 +1,403 @@
+"""End-to-end tests of the explain page in headless Chromium: every widget, the JS math against tokenloss, phone width.
+
+Needs Debian's ``chromium`` at /usr/bin/chromium (or $TOKENLOSS_CHROMIUM) and Playwright for Python;
+skipped otherwise. Screenshots of each widget go to ``test-artifacts/explain/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokenloss
+from tokenloss.explain.vectors import generate_vectors
+from tokenloss.scoring import score_text
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("TOKENLOSS_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "explain"
+FLOAT32_EPS = 2.0**-23
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
+if not os.access(CHROMIUM, os.X_OK):
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, serve):
+    with serve(model=tiny_model) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Console:
+    """Console errors and uncaught exceptions of a page, collected for the test to assert on."""
+
+    def __init__(self, page):
+        self.errors = []
+        page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
+
+
+class Tab:
+    """One browser context and page, reused by the tests of a module (a fresh context costs seconds)."""
+
+    def __init__(self, browser, server, **context_options):
+        self.server = server
+        self.context = browser.new_context(**context_options)
+        self.page = self.context.new_page()
+        self.console = Console(self.page)
+
+    def open(self):
+        """The page loaded afresh, with empty local storage and no errors recorded yet."""
+        self.page.goto(self.server.url)
+        self.page.evaluate("window.localStorage.clear()")
+        self.page.reload()
+        self.page.wait_for_selector("html[data-ready=true]")
+        self.console.errors.clear()
+        return self.page
+
+
+@pytest.fixture(scope="module")
+def laptop(browser, server):
+    tab = Tab(browser, server, viewport={"width": 1280, "height": 900})
+    yield tab
+    tab.context.close()
+
+
+@pytest.fixture(scope="module")
+def phone(browser, server):
+    tab = Tab(browser, server, viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+    yield tab
+    tab.context.close()
+
+
+@pytest.fixture
+def page(laptop):
+    page = laptop.open()
+    yield page
+    assert laptop.console.errors == []
+
+
+def number(page, selector: str) -> float:
+    """The number shown in an element (the first one in its text)."""
+    match = re.search(r"-?\d+(\.\d+)?", page.locator(selector).inner_text())
+    assert match, f"no number in {selector}: {page.locator(selector).inner_text()!r}"
+    return float(match.group())
+
+
+def shown_logits(page) -> list[float]:
+    return [float(v) for v in page.locator(".logit-track").evaluate_all("els => els.map(e => e.ariaValueNow)")]
+
+
+def target_index(page) -> int:
+    return int(page.locator("input[name=target]:checked").get_attribute("value"))
+
+
+def expected_loss(page) -> float:
+    """tokenloss's loss for the logits and target the page shows."""
+    logits = torch.tensor([shown_logits(page)])
+    return float(tokenloss.cross_entropy(logits, torch.tensor([target_index(page)])))
+
+
+def screenshot(page, selector: str, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.locator(selector).screenshot(path=str(ARTIFACTS / name))
+
+
+def test_js_math_agrees_with_tokenloss(page):
+    """window.tokenlossMath gives tokenloss's numbers on the vectors Python generates (incl. logits of +-1000)."""
+    vectors = generate_vectors()
+    got = page.evaluate(
+        """v => {
+            const M = window.tokenlossMath;
+            return {
+                rows: v.rows.map(r => ({loss: M.crossEntropy(r.logits, r.target), lse: M.logSumExp(r.logits),
+                                        softmax: M.softmax(r.logits), gradient: M.gradient(r.logits, r.target)})),
+                batches: v.batches.map(b => M.meanCrossEntropy(b.rows, b.targets, b.ignore_index)),
+                sentences: v.sentences.map(s => ({losses: s.probs.map(M.lossFromProb),
+                                                  mean: M.meanLossFromProbs(s.probs)})),
+            };
+        }""",
+        vectors,
+    )
+    f64 = torch.float64
+    for want, have in zip(vectors["rows"], got["rows"]):
+        # tokenloss works in float32: its logsumexp is rounded at the scale of the largest logit.
+        atol = 1e-6 + 4 * FLOAT32_EPS * max(1.0, max(abs(z) for z in want["logits"]))
+        for key, name in (("loss", "loss"), ("logsumexp", "lse")):
+            assert math.isfinite(have[name]), want["name"]
+            torch.testing.assert_close(float(have[name]), want[key], rtol=0, atol=atol, msg=f"{want['name']}: {name}")
+        torch.testing.assert_close(torch.tensor(have["softmax"], dtype=f64), torch.tensor(want["softmax"], dtype=f64))
+        torch.testing.assert_close(
+            torch.tensor(have["gradient"], dtype=f64), torch.tensor(want["gradient"], dtype=f64), rtol=0, atol=atol
+        )
+    for want, have in zip(vectors["batches"], got["batches"]):
+        atol = 1e-6 + 4 * FLOAT32_EPS * max(1.0, max(abs(z) for row in want["rows"] for z in row))
+        torch.testing.assert_close(float(have), want["mean_loss"], rtol=0, atol=atol, msg=want["name"])
+    for want, have in zip(vectors["sentences"], got["sentences"]):
+        torch.testing.assert_close(torch.tensor(have["losses"], dtype=f64), torch.tensor(want["losses"], dtype=f64))
+        torch.testing.assert_close(float(have["mean"]), want["mean_loss"], rtol=1e-6, atol=1e-6)
+    assert len(got["rows"]) == len(vectors["rows"]) >= 20
+
+
+def test_drag_bars_with_the_mouse(page):
+    """Dragging the target's bar up lowers the loss, a wrong word's raises it; the numbers are tokenloss's."""
+    assert number(page, "#loss-nats") == pytest.approx(expected_loss(page), abs=5e-4)
+    target, other = page.locator(".logit-track").nth(0), page.locator(".logit-track").nth(1)
+    before = number(page, "#loss-nats")
+
+    box = target.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] * 0.4)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] * 0.1, steps=6)
+    page.mouse.up()
+    assert shown_logits(page)[0] == pytest.approx(8.0, abs=0.15)  # 10% from the top of a [-10, 10] axis
+    lowered = number(page, "#loss-nats")
+    assert lowered < before
+    assert lowered == pytest.approx(expected_loss(page), abs=5e-4)
+
+    box = other.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] * 0.45)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] * 0.05, steps=6)
+    page.mouse.up()
+    assert shown_logits(page)[1] == pytest.approx(9.0, abs=0.15)
+    raised = number(page, "#loss-nats")
+    assert raised > lowered
+    assert raised == pytest.approx(expected_loss(page), abs=5e-4)
+    assert number(page, "#ppl") == pytest.approx(math.exp(raised), rel=5e-3)
+    screenshot(page, "#logits", "1-logits.png")
+
+
+def test_keyboard_target_and_gradient(page):
+    """Arrow keys move a focused bar by 0.1 (Shift: 1); the gradient bars show p - onehot(target)."""
+    bar = page.locator(".logit-track").nth(3)
+    start = shown_logits(page)[3]
+    bar.focus()
+    for _ in range(5):
+        page.keyboard.press("ArrowUp")
+    assert shown_logits(page)[3] == pytest.approx(start + 0.5)
+    page.keyboard.press("Shift+ArrowDown")
+    assert shown_logits(page)[3] == pytest.approx(start - 0.5)
+    page.keyboard.press("PageUp")
+    assert shown_logits(page)[3] == pytest.approx(start + 0.5)
+
+    page.locator("input[name=target]").nth(3).check()
+    assert target_index(page) == 3
+    assert number(page, "#loss-nats") == pytest.approx(expected_loss(page), abs=5e-4)
+    logits = torch.tensor(shown_logits(page), requires_grad=True)
+    tokenloss.cross_entropy(logits[None], torch.tensor([3])).backward()
+    shown_grad = [float(t) for t in page.locator(".grad-track .bar-value").all_inner_texts()]
+    torch.testing.assert_close(torch.tensor(shown_grad), logits.grad, rtol=0, atol=0.006)
+    assert shown_grad[3] < 0 and all(g >= 0 for i, g in enumerate(shown_grad) if i != 3)
+
+    page.locator("input.word").nth(3).fill("rug")
+    assert '# the right word: "rug"' in page.locator("#code-snippet").inner_text()
+
+
+def test_touch_sets_a_logit(phone):
+    """A tap (touch pointer) near the top of a bar sets its logit near the top of the axis."""
+    page = phone.open()
+    track = page.locator(".logit-track").nth(2)
+    track.scroll_into_view_if_needed()
+    box = track.bounding_box()
+    page.touchscreen.tap(box["x"] + box["width"] / 2, box["y"] + box["height"] * 0.05)
+    assert shown_logits(page)[2] == pytest.approx(9.0, abs=0.2)
+    assert number(page, "#loss-nats") == pytest.approx(expected_loss(page), abs=5e-4)
+    assert phone.console.errors == []
+
+
+@pytest.mark.parametrize(("preset", "loss"), [("extreme", 100.0), ("uniform", math.log(6)), ("right", None)])
+def test_presets_and_extreme_logits_stay_finite(page, preset, loss):
+    """Logits of +-50 give the exact loss (100 nats) with no overflow; all equal gives log V."""
+    page.click(f"[data-preset={preset}]")
+    shown = number(page, "#loss-nats")
+    assert shown == pytest.approx(expected_loss(page), abs=5e-4)
+    if loss is not None:
+        assert shown == pytest.approx(loss, abs=5e-4)
+    assert "NaN" not in page.locator("#logits").inner_text()
+    assert "Infinity" not in page.locator("#code-snippet").inner_text()
+
+
+def test_probability_slider_and_handle(page):
+    """The slider and the handle on the curve give -ln p in nats, bits and perplexity 1/p."""
+    slider = page.locator("#p-slider")
+    for p, nats, bits, ppl in [(0.5, 0.693, 1.0, 2.0), (0.9, 0.105, 0.152, 1.11), (0.05, 2.996, 4.322, 20.0)]:
+        slider.fill(str(p))
+        assert number(page, "#c-p") == p
+        assert number(page, "#c-nats") == pytest.approx(nats, abs=5e-4)
+        assert number(page, "#c-bits") == pytest.approx(bits, abs=5e-4)
+        assert number(page, "#c-ppl") == pytest.approx(ppl, abs=5e-3)
+    curve = page.locator("#curve").bounding_box()
+    # The plot runs from x = 56 to 620 of a 640-wide view box: aim at p = 0.25.
+    x = curve["x"] + curve["width"] * (56 + 0.25 * 564) / 640
+    page.mouse.move(x, curve["y"] + curve["height"] / 2)
+    page.mouse.down()
+    page.mouse.up()
+    p = number(page, "#c-p")
+    assert p == pytest.approx(0.25, abs=0.01)
+    assert number(page, "#c-nats") == pytest.approx(-math.log(p), abs=5e-4)
+    assert float(slider.input_value()) == p
+    page.locator("#curve-handle").focus()
+    page.keyboard.press("ArrowRight")
+    assert number(page, "#c-p") == pytest.approx(p + 0.01)
+    screenshot(page, "#probability", "2-probability.png")
+
+
+def test_worked_sentence(page):
+    """The Quick brown fox: 3.91, 1.90, 0.92, 0.51, average 1.81; editing a probability moves the average."""
+    assert page.locator(".worked-loss .loss-value").all_inner_texts() == ["3.91", "1.90", "0.92", "0.51"]
+    assert page.locator("#worked-mean").inner_text() == "1.81"
+    assert number(page, "#worked-ppl") == pytest.approx(math.exp(1.8091), abs=0.01)
+    page.locator(".worked input").nth(0).fill("0.5")
+    assert number(page, "#worked-mean") == pytest.approx((0.693 + 1.897 + 0.916 + 0.511) / 4, abs=0.006)
+
+
+def test_typed_sentence_is_scored_by_the_model(page, tiny_model):
+    """A typed sentence comes back token by token; the shown numbers are score_text's."""
+    text = "Cats sit on mats."
+    page.fill("#sentence-input", text)
+    page.click("#sentence-score")
+    page.wait_for_selector("#sentence-result:not([hidden])")
+    expected = score_text(tiny_model, text, top_k=5)
+    losses = -expected.log_prob[expected.scored].double()
+    assert page.locator("#sentence-tokens .tok").count() == len(text)
+    assert page.locator("#sentence-tokens .tok.unscored").count() == 1
+    assert number(page, "#sentence-count") == len(text) - 1
+    assert number(page, "#sentence-mean") == pytest.approx(float(losses.mean()), abs=5e-4)
+    assert number(page, "#sentence-bits") == pytest.approx(float(losses.mean()) / math.log(2), abs=5e-4)
+    assert page.locator("#model-label").inner_text() == "tiny random byte GPT"
+
+    page.locator("#sentence-tokens .tok").nth(5).hover()
+    detail = page.locator("#token-detail").inner_text()
+    p = math.exp(float(expected.log_prob[5]))
+    assert f"p = {p:.4f}" in detail
+    assert f"rank {int(expected.rank[5])}" in detail
+    assert f"loss = {-float(expected.log_prob[5]):.3f} nats" in detail
+    assert page.locator("#token-detail .alt").count() == 5
+    screenshot(page, "#sentence", "3-sentence.png")
+
+    page.locator("#sentence-input").press("Enter")  # Enter scores again; same text, same numbers
+    assert number(page, "#sentence-mean") == pytest.approx(float(losses.mean()), abs=5e-4)
+
+
+def test_too_long_sentence_gets_a_clear_message(page):
+    """Text over the server's limit is refused on the page with the limit named (maxlength stops typing it)."""
+    assert page.locator("#sentence-input").get_attribute("maxlength") == "1000"
+    page.evaluate("document.getElementById('sentence-input').value = 'a'.repeat(1001)")
+    page.click("#sentence-score")
+    assert page.locator("#sentence-error").inner_text() == "The text is 1001 characters long; the limit is 1000."
+
+
+def test_exercise_and_quiz_answers_persist_across_reload(page):
+    """Answers are checked, kept in localStorage, shown again after a reload, and can be forgotten."""
+    page.fill("#ex-05", "0.693")
+    page.fill("#ex-09", "1.0")
+    page.click("#ex-check")
+    feedback = page.locator("#ex-feedback").inner_text()
+    assert "P = 0.5: 0.693 ✓" in feedback and "P = 0.9: 1.0 is not it" in feedback
+    page.fill("#ex-09", "0.105")
+    page.click("#ex-check")
+    assert "P = 0.9: 0.105 ✓" in page.locator("#ex-feedback").inner_text()
+    page.locator("#q-uniform label.option").nth(2).click()  # 5.545: right
+    page.locator("#q-bits label.option").nth(0).click()  # 3.32: wrong
+    assert page.locator("#quiz-score").inner_text() == "1 of 5 right (2 answered)."
+    screenshot(page, "#traps", "4-traps.png")
+
+    page.reload()
+    page.wait_for_selector("html[data-ready=true]")
+    assert page.locator("#ex-05").input_value() == "0.693"
+    assert page.locator("#ex-09").input_value() == "0.105"
+    assert page.locator("#q-uniform input[value='2']").is_checked()
+    assert page.locator("#q-bits input[value='0']").is_checked()
+    assert "right" in page.locator("#q-uniform").get_attribute("class")
+    assert "wrong" in page.locator("#q-bits").get_attribute("class")
+    assert "the answer is “10”" in page.locator("#q-bits .why").inner_text()
+    assert page.locator("#quiz-score").inner_text() == "1 of 5 right (2 answered)."
+
+    page.click("#quiz-reset")
+    page.reload()
+    page.wait_for_selector("html[data-ready=true]")
+    assert page.locator("#quiz input:checked").count() == 0
+    assert page.locator("#ex-05").input_value() == ""
+
+
+def test_traps_show_live_numbers(page):
+    """Softmax twice is pulled towards log V; padding dilutes the mean; e**loss vs 2**loss."""
+    page.click("[data-preset=right]")
+    right, doubled = number(page, "#trap-right"), number(page, "#trap-double")
+    assert right == pytest.approx(expected_loss(page), abs=5e-4)
+    probs = torch.softmax(torch.tensor([shown_logits(page)]), dim=-1)
+    doubled_want = float(torch.nn.functional.cross_entropy(probs, torch.tensor([target_index(page)])))
+    assert doubled == pytest.approx(doubled_want, abs=5e-4)
+    assert right < doubled < math.log(6)
+    assert number(page, "#trap-pad-wrong") == pytest.approx((2.3 + 1.9 + 2.7 + 5 * 0.01) / 8, abs=0.006)
+    assert number(page, "#trap-pad-right") == 2.30
+    page.fill("#trap-loss", "2")
+    assert number(page, "#trap-ppl-e") == pytest.approx(math.e**2, abs=0.006)
+    assert number(page, "#trap-ppl-2") == 4.0
+    page.fill("#trap-v", "256")
+    assert number(page, "#trap-logv-big") == pytest.approx(5.545, abs=5e-4)
+
+
+def test_code_snippet_runs_and_prints_the_shown_numbers(page):
+    """The PyTorch snippet, run as it is shown, prints the loss, perplexity and mean the page shows."""
+    page.locator(".logit-track").nth(0).focus()
+    page.keyboard.press("Shift+ArrowUp")
+    code = page.locator("#code-snippet").inner_text()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "<snippet>", "exec"), {})  # noqa: S102 - our own page's snippet
+    printed = out.getvalue().splitlines()
+    loss = number(page, "#loss-nats")
+    assert float(printed[0]) == pytest.approx(loss, abs=5e-4)
+    assert float(printed[1]) == pytest.approx(math.exp(loss), rel=1e-3)
+    assert float(printed[5]) == pytest.approx(loss, abs=5e-4)  # tokenloss, after the two tensor prints
+    assert f"# {float(printed[0]):.4f} nats" in code
+    assert printed[-1].startswith("tensor(1.8091")
+    screenshot(page, "#code", "5-code.png")
+
+
+@pytest.mark.parametrize("tab_name", ["phone", "laptop"])
+def test_layout_fits_the_width(request, tab_name):
+    """At phone width (390 px) and on a laptop nothing overflows sideways; a full-page screenshot is kept."""
+    tab = request.getfixturevalue(tab_name)
+    page = tab.open()
+    page.click("#sentence-score")
+    page.wait_for_selector("#sentence-result:not([hidden])")
+    width = page.viewport_size["width"]
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    wide = page.evaluate(
+        "[...document.querySelectorAll('main *')].filter(e => e.getBoundingClientRect().right > "
+        "document.documentElement.clientWidth + 1 && !e.closest('pre')).map(e => e.tagName + '.' + e.className)"
+    )
+    assert wide == []
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"page-{tab_name}.png"), full_page=True)
+    assert tab.console.errors == []
