@@ -289,8 +289,9 @@ def _backward_kernel(
                     grad_h_ptr + rows[:, None] * dim + k[None, :], grad_h, mask=row_valid[:, None] & k_valid[None, :]
                 )
             if GRAD_W:
+                # Rows without a gradient load as zeros: 0 * NaN would leak an ignored row's junk.
                 h = tl.load(
-                    h_ptr + rows[:, None] * stride_h + k[None, :], mask=row_valid[:, None] & k_valid[None, :], other=0.0
+                    h_ptr + rows[:, None] * stride_h + k[None, :], mask=active[:, None] & k_valid[None, :], other=0.0
                 )  # (BM, BK)
                 if DOT_FP32:
                     h = h.to(tl.float32)
