@@ -131,9 +131,7 @@ class LossMeter:
         if self.vocab_size is None:
             self.vocab_size = int(vocab_size)
         elif self.vocab_size != vocab_size:
-            raise ValueError(
-                f"this meter counts a vocabulary of {self.vocab_size} classes, got logits with {vocab_size}"
-            )
+            raise ValueError(f"this meter counts V = {self.vocab_size} classes, got statistics with V = {vocab_size}")
 
     # ----------------------------------------------------------------------------------------
     # Combining.

@@ -150,8 +150,8 @@ class TokenStatistics:
 
     Attributes:
         log_prob: ``(N,)`` float32, ``log p(target)`` in nats (``-loss``; at most 0).
-        rank: ``(N,)`` int64, 1 + the number of classes with a strictly larger logit than the
-            target's (1 = the target was the top prediction; ties count in the target's favour).
+        rank: ``(N,)`` int64, the target's place when the classes are sorted by logit, largest
+            first, ties by class index (1 = the target is the argmax).
         entropy: ``(N,)`` float32, entropy of the predictive distribution in nats.
         confidence: ``(N,)`` float32, the top-1 probability.
         top_ids: ``(N, k)`` int64, the k most likely classes, most likely first.
@@ -269,8 +269,12 @@ def token_statistics(
         p = log_p.exp()
         # p * log p -> 0 where p underflows to 0 (log p may be -inf there).
         entropy[part] = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
-        target_logit = x.gather(-1, flat_targets[part].unsqueeze(-1))  # (n, 1)
-        rank[part] = 1 + (x > target_logit).sum(-1)
+        target = flat_targets[part].unsqueeze(-1)  # (n, 1)
+        target_logit = x.gather(-1, target)  # (n, 1)
+        # Ties go to the smaller class index, as argmax and topk order them: uniform logits are
+        # not "always right".
+        tied_before = (x == target_logit) & (torch.arange(vocab_size, device=x.device) < target)
+        rank[part] = 1 + (x > target_logit).sum(-1) + tied_before.sum(-1)
         values, ids = log_p.topk(k, dim=-1)
         top_probs[part] = values.exp()
         top_ids[part] = ids
@@ -288,7 +292,7 @@ def token_statistics(
 def accuracy(logits: Tensor, targets: Tensor, *, k: int = 1, ignore_index: int = -100) -> Tensor:
     """Top-k accuracy: the fraction of positions whose target is among the k largest logits.
 
-    Ties count in the target's favour (a target tied with the top logit is a top-1 hit).
+    Tied logits are ordered by class index, as ``argmax`` does (uniform logits hit only class 0).
 
     Returns:
         A 0-dim float64 tensor (NaN when no position counts).
