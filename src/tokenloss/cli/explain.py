@@ -5,20 +5,21 @@ from __future__ import annotations
 import errno
 import ipaddress
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from tokenloss.cli.errors import CLIError
+from tokenloss.explain.server import DEFAULT_HOST, ExplainServer
 
-DEFAULT_PORT = 8765
+EXAMPLES = """
+Examples:
 
-EXAMPLES = """Examples:
+  tokenloss explain                        # opens http://127.0.0.1:8765/
 
-  tokenloss explain                        # http://127.0.0.1:8765/, opens your browser
+  tokenloss explain --port 0 --no-browser  # any free port, print it
 
-  tokenloss explain --port 0 --no-browser  # any free port; just print the address
-
-  tokenloss explain --model ./my-gpt2      # score sentences with a local Hugging Face model
+  tokenloss explain --model ./gpt2         # score with a local HF model
 """
 
 
@@ -33,8 +34,6 @@ def _is_loopback(host: str) -> bool:
 
 def start_server(host: str, port: int, model_path: str | None):
     """Bind the page's server; a taken port or a bad host becomes a :class:`CLIError`."""
-    from tokenloss.explain.server import ExplainServer
-
     try:
         return ExplainServer(host, port, model_path=model_path)
     except OSError as error:
@@ -44,11 +43,11 @@ def start_server(host: str, port: int, model_path: str | None):
         raise CLIError(f"cannot listen on {host}:{port}: {error.strerror or error}") from error
 
 
-def run(host: str, port: int, model: str | None, open_browser: bool) -> None:
+def run(host: str, port: int, model_path: str | None, open_browser: bool) -> None:
     """Serve the page until Ctrl+C: the command's work, separate from argument parsing."""
-    if model is not None and not Path(model).exists():
-        raise FileNotFoundError(f"--model {model}: no such file or directory (give a local model folder)")
-    server = start_server(host, port, model)
+    if model_path is not None and not Path(model_path).exists():
+        raise FileNotFoundError(f"--model {model_path}: no such file or directory (give a local model folder)")
+    server = start_server(host, port, model_path)
     url = server.url
     typer.echo(f"tokenloss explain: open {url} in your browser (Ctrl+C to stop)")
     if not _is_loopback(host):
@@ -70,11 +69,14 @@ def register(app: typer.Typer) -> None:
 
     @app.command("explain", help="Serve the interactive page that teaches the loss, on this machine.", epilog=EXAMPLES)
     def explain(
-        port: int = typer.Option(DEFAULT_PORT, "--port", "-p", min=0, max=65535, help="Port (0: any free one)."),
-        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
-        model: str = typer.Option(
-            None, "--model", help="Local model folder that scores sentences (default: the built-in demo model)."
+        port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port; 0: any free one.")] = 8765,
+        host: Annotated[str, typer.Option("--host", help="Address to listen on (127.0.0.1: this machine only).")] = (
+            DEFAULT_HOST
         ),
-        no_browser: bool = typer.Option(False, "--no-browser", help="Only print the address; do not open a browser."),
+        model: Annotated[
+            str | None,
+            typer.Option("--model", "-m", help="Model directory that scores sentences (default: built-in byte GPT)."),
+        ] = None,
+        no_browser: Annotated[bool, typer.Option("--no-browser", help="Only print the address.")] = False,
     ) -> None:
         run(host, port, model, open_browser=not no_browser)

@@ -1,0 +1,128 @@
+"""Tests of ``tokenloss explain``: arguments reach the server, the address is printed, user errors are one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+import tokenloss.cli.explain as explain_cli
+from tokenloss.cli import main
+from tokenloss.explain.server import ExplainServer
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """Make serve_forever return at once and record the servers and browser calls the command made."""
+    record = {"servers": [], "opened": []}
+
+    def fake_serve_forever(self, poll_interval=0.5):
+        record["servers"].append(self)
+
+    monkeypatch.setattr(ExplainServer, "serve_forever", fake_serve_forever)
+    monkeypatch.setattr("webbrowser.open", lambda url: record["opened"].append(url))
+    return record
+
+
+def test_help_lists_options_and_examples(capsys):
+    assert main(["explain", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--port", "--host", "--model", "--no-browser", "Examples", "tokenloss explain --port 0"):
+        assert option in out
+
+
+def test_arguments_reach_run(monkeypatch, tmp_path):
+    """Each option is passed through; the defaults are 127.0.0.1:8765, the built-in model, a browser."""
+    calls = []
+    monkeypatch.setattr(explain_cli, "run", lambda *args, **kwargs: calls.append((args, kwargs)))
+    assert main(["explain"]) == 0
+    assert main(["explain", "--port", "0", "--host", "::1", "--model", str(tmp_path), "--no-browser"]) == 0
+    assert calls == [
+        (("127.0.0.1", 8765, None), {"open_browser": True}),
+        (("::1", 0, str(tmp_path)), {"open_browser": False}),
+    ]
+
+
+def test_prints_the_address_and_opens_the_browser(served, capsys):
+    assert main(["explain", "--port", "0"]) == 0
+    (server,) = served["servers"]
+    assert server.server_address[0] == "127.0.0.1"
+    out = capsys.readouterr().out
+    assert f"open {server.url} in your browser" in out
+    assert "reachable from other machines" not in out
+    assert served["opened"] == [server.url]
+
+
+def test_no_browser_and_a_note_for_a_public_host(served, capsys):
+    assert main(["explain", "--port", "0", "--host", "0.0.0.0", "--no-browser"]) == 0
+    (server,) = served["servers"]
+    assert server.server_address[0] == "0.0.0.0"
+    assert "Note: 0.0.0.0 is reachable from other machines" in capsys.readouterr().out
+    assert served["opened"] == []
+
+
+def test_model_path_is_passed_to_the_server(served, tmp_path):
+    assert main(["explain", "--port", "0", "--no-browser", "--model", str(tmp_path)]) == 0
+    assert served["servers"][0].model.label == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/no/such/model/dir"], "Error: --model /no/such/model/dir: no such file or directory"),
+        (["--host", "999.1.1.1"], "Error: cannot listen on 999.1.1.1:0"),
+    ],
+)
+def test_user_errors_are_one_line(served, capsys, args, message):
+    assert main(["explain", "--port", "0", "--no-browser", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+    assert served["servers"] == []
+
+
+def test_port_in_use_is_a_clear_error(served, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["explain", "--port", str(port), "--no-browser"]) == 2
+    assert f"Error: port {port} on 127.0.0.1 is in use; pick another with --port" in capsys.readouterr().err
+
+
+def test_port_out_of_range_is_refused(capsys):
+    assert main(["explain", "--port", "70000"]) == 2
+    assert "70000" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+def test_end_to_end_serves_until_ctrl_c():
+    """`python -m tokenloss explain` prints its address, serves the page there, and stops cleanly on Ctrl+C."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tokenloss", "explain", "--port", "0", "--no-browser"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        line = process.stdout.readline()
+        url = re.search(r"open (http://127\.0\.0\.1:\d+/) in your browser", line).group(1)
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.status == 200 and b"tokenloss explain" in response.read()
+        with urllib.request.urlopen(url + "api/info", timeout=30) as response:
+            assert json.loads(response.read())["max_text_chars"] > 0
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert "Stopped." in out
