@@ -44,10 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # click's own usage errors come here with standalone_mode=False
         import click
 
-        if isinstance(error, click.exceptions.Abort):
+        if isinstance(error, (click.exceptions.Abort, typer.Abort)):
             print("Aborted.", file=sys.stderr)
             return 1
-        if isinstance(error, click.ClickException):
+        # typer >= 0.2x raises its own copy of click's exceptions (subclasses of typer.TyperException)
+        if isinstance(error, (click.ClickException, typer.TyperException)) and hasattr(error, "show"):
             error.show()
             return error.exit_code
         raise
