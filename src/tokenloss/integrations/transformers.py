@@ -1,0 +1,287 @@
+"""Patch a Hugging Face causal LM so that ``forward(labels=...)`` computes its loss without building the logits.
+
+``patch(model)`` replaces ``model.forward`` (on this instance only; ``unpatch`` restores it) with
+one that, when ``labels`` are given, runs the model's own base transformer, takes the last hidden
+state and computes the loss with :func:`tokenloss.linear_cross_entropy` from it and the LM head's
+weight, exactly as the model's own ``ForCausalLMLoss`` defines it:
+
+- the causal shift (position ``t`` predicts label ``t + 1``; or the ``shift_labels`` the caller
+  passes, already shifted), ``ignore_index=-100``;
+- ``num_items_in_batch`` from the Trainer (the sum is divided by it instead of the local count,
+  so gradient accumulation and data parallelism average over all tokens);
+- the model's own final-logit soft-capping (Gemma 2's ``config.final_logit_softcapping``).
+
+In training mode (``model.training``) the ``(batch, seq, vocab)`` logits are not built at all and
+``output.logits`` is None; in eval mode they are built as before (an evaluation loop may need them)
+and the loss is computed from them with :func:`tokenloss.cross_entropy`. Without ``labels`` the
+original forward runs untouched (generation is unaffected).
+
+Only model classes whose forward is known to be "base model -> LM head -> optional soft-cap ->
+causal-LM loss" are accepted (:data:`SUPPORTED_MODELS`); anything else (another architecture, a
+subclass that overrides ``forward``, a custom ``loss_function``, an LM head that is not a plain
+``nn.Linear``) is refused with a TypeError rather than silently computing something else.
+
+Limitations: the LM head's weight is read directly, so schemes that materialise the weight only
+inside ``lm_head.forward`` (DeepSpeed ZeRO-3, FSDP1 without ``use_orig_params``, accelerate's
+device-map offloading of the head) are refused at call time when the weight is empty, and PEFT
+adapters on the LM head are not supported (patch ``peft_model.get_base_model()``; adapters elsewhere
+are fine). The Trainer's own ``label_smoothing_factor`` bypasses the model's loss: pass
+``label_smoothing=`` to :func:`patch` instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenloss.functional import cross_entropy, linear_cross_entropy
+from tokenloss.ops import IMPLEMENTATIONS
+from tokenloss.options import LossOptions
+
+__all__ = ["SUPPORTED_MODELS", "is_patched", "patch", "unpatch"]
+
+#: Causal-LM classes of ``transformers`` whose forward tokenloss reproduces (checked by the tests).
+SUPPORTED_MODELS = (
+    "GPT2LMHeadModel",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+)
+
+#: Options of :func:`tokenloss.linear_cross_entropy` that :func:`patch` accepts.
+LOSS_OPTIONS = ("ignore_index", "label_smoothing", "z_loss", "focal_gamma", "impl", "check_inputs", "chunk_size")
+
+# Options the patch sets itself, with the reason given when a caller passes one.
+_OWNED_OPTIONS = {
+    "shift": "the patch applies the causal shift of the model's own loss",
+    "softcap": "the model's own config.final_logit_softcapping is used",
+    "num_items": "it is taken from num_items_in_batch, which the Trainer passes to forward",
+    "reduction": "the model's loss is a mean (divided by num_items_in_batch when given)",
+    "mask": "set the labels of positions that must not count to -100",
+    "token_weights": "per-token tensors cannot be fixed at patch time",
+    "bias": "the LM head's own bias is used",
+}
+
+_STATE = "_tokenloss_patch"
+
+
+@dataclass(frozen=True)
+class _PatchState:
+    """What :func:`patch` stored on the model, and what :func:`unpatch` needs to undo it."""
+
+    options: dict[str, Any]
+    skip_logits: bool | None
+    previous_forward: Any  # the instance attribute ``forward`` before patching, or None
+    signature: inspect.Signature  # of the class forward, without ``self``
+    var_keyword: str | None  # name of the forward's ``**kwargs``
+
+
+def patch(model: nn.Module, *, skip_logits: bool | None = None, **loss_options: Any) -> nn.Module:
+    """Makes ``model(..., labels=...)`` compute its loss with :func:`tokenloss.linear_cross_entropy`.
+
+    The model is patched in place (this instance only) and returned. Patching an already patched
+    model replaces its options. Loss and gradients equal the model's own within float32 rounding.
+
+    Args:
+        model: a causal LM of one of :data:`SUPPORTED_MODELS` (GPT-2, Llama, Mistral, Qwen2, Qwen3,
+            Gemma, Gemma 2).
+        skip_logits: None (default): do not build the logits when ``labels`` are given in training
+            mode, build them in eval mode; True: never build them when ``labels`` are given;
+            False: always build them (the loss is then computed from them).
+        **loss_options: any of :data:`LOSS_OPTIONS`, as in :func:`tokenloss.linear_cross_entropy`
+            (``ignore_index`` defaults to -100 like the model's own loss; ``label_smoothing``,
+            ``z_loss`` and ``focal_gamma`` change the loss from the model's own).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        TypeError: an unsupported model (the message names the supported classes), a custom
+            ``loss_function``, an LM head that is not an ``nn.Linear``, an unknown option or one
+            that the patch sets itself (shift, softcap, num_items, ...).
+        ValueError: an option out of range (as :func:`tokenloss.linear_cross_entropy`).
+
+    Examples:
+        >>> from tokenloss.integrations.transformers import patch  # doctest: +SKIP
+        >>> model = patch(AutoModelForCausalLM.from_pretrained(path))  # doctest: +SKIP
+        >>> model(input_ids, labels=input_ids).loss.backward()  # no (B, T, V) logits  # doctest: +SKIP
+    """
+    model_class = _supported_class(model)
+    options = _check_loss_options(loss_options)
+    if skip_logits is not None and not isinstance(skip_logits, bool):
+        raise TypeError(f"skip_logits must be True, False or None, got {skip_logits!r}")
+    if is_patched(model):
+        unpatch(model)
+    signature = inspect.signature(types.MethodType(model_class.forward, model))
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    state = _PatchState(options, skip_logits, model.__dict__.get("forward"), signature, var_keyword)
+    object.__setattr__(model, _STATE, state)
+    # A bound method (not a closure over `model`) so that copy.deepcopy(model) rebinds it to the copy;
+    # `functools.wraps` keeps the original signature visible to inspect (the Trainer reads it to pick
+    # dataset columns and to decide whether to pass num_items_in_batch).
+    object.__setattr__(model, "forward", types.MethodType(_forward_for(model_class), model))
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restores the forward that :func:`patch` replaced; a model that is not patched is returned unchanged."""
+    state = model.__dict__.get(_STATE)
+    if state is None:
+        return model
+    del model.__dict__["forward"]
+    if state.previous_forward is not None:
+        object.__setattr__(model, "forward", state.previous_forward)
+    del model.__dict__[_STATE]
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether :func:`patch` has patched this model instance."""
+    return _STATE in model.__dict__
+
+
+def _supported_class(model: nn.Module) -> type:
+    """The supported transformers class ``model`` is, with its forward unchanged; TypeError otherwise."""
+    import transformers
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    name = type(model).__name__
+    supported = ", ".join(SUPPORTED_MODELS)
+    for candidate in SUPPORTED_MODELS:
+        cls = getattr(transformers, candidate, None)
+        if cls is not None and isinstance(model, cls):
+            break
+    else:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        hint = " (for a PEFT model, patch model.get_base_model())" if hasattr(model, "get_base_model") else ""
+        raise TypeError(
+            f"tokenloss.integrations.transformers.patch does not support {name} (model_type {model_type!r}){hint}; "
+            f"supported: {supported}. Compute the loss yourself with tokenloss.linear_cross_entropy(hidden, "
+            "lm_head.weight, labels, shift=True) instead"
+        )
+    if type(model).forward is not cls.forward:
+        raise TypeError(f"{name} overrides {cls.__name__}.forward; patch supports only the unmodified forward")
+    if model.loss_function is not ForCausalLMLoss:
+        raise TypeError(
+            f"{name} uses a custom loss_function ({getattr(model.loss_function, '__name__', model.loss_function)}); "
+            "patch replaces only the standard ForCausalLMLoss"
+        )
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise TypeError(
+            f"the LM head of {name} is a {type(head).__name__}, not a plain torch.nn.Linear (a PEFT adapter or "
+            "quantized layer?); patch reads its weight directly and supports only nn.Linear"
+        )
+    if model.base_model is model:
+        raise TypeError(f"{name} has no base model at {model.base_model_prefix!r}")
+    return cls
+
+
+def _check_loss_options(loss_options: dict[str, Any]) -> dict[str, Any]:
+    for key in loss_options:
+        if key in _OWNED_OPTIONS:
+            raise TypeError(f"patch() does not take the loss option {key!r}: {_OWNED_OPTIONS[key]}")
+        if key not in LOSS_OPTIONS:
+            raise TypeError(f"patch() got an unknown loss option {key!r}; it takes {', '.join(LOSS_OPTIONS)}")
+    options = {"ignore_index": -100, **loss_options}
+    # Check values now rather than at the first training step.
+    LossOptions(
+        ignore_index=options["ignore_index"],
+        label_smoothing=options.get("label_smoothing", 0.0),
+        z_loss=options.get("z_loss", 0.0),
+        focal_gamma=options.get("focal_gamma", 0.0),
+        check_inputs=options.get("check_inputs", True),
+    )
+    if options.get("impl", "auto") not in IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {options['impl']!r}")
+    chunk_size = options.get("chunk_size")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return options
+
+
+@functools.cache
+def _forward_for(model_class: type):
+    """The patched forward for ``model_class``, carrying that class's forward signature."""
+
+    @functools.wraps(model_class.forward)
+    def forward(self, *args, **kwargs):
+        return _patched_forward(self, *args, **kwargs)
+
+    return forward
+
+
+def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any):
+    state: _PatchState = self.__dict__[_STATE]
+    original = state.previous_forward or types.MethodType(type(self).forward, self)
+    arguments = dict(state.signature.bind(*args, **kwargs).arguments)
+    extra = dict(arguments.pop(state.var_keyword, {})) if state.var_keyword else {}
+    labels = arguments.pop("labels", None)
+    logits_to_keep = arguments.pop("logits_to_keep", 0)
+    if labels is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        # No loss to compute (generation, scoring), or logits of the last positions only: the model's own path.
+        return original(*args, **kwargs)
+
+    return_dict = extra.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    num_items = extra.pop("num_items_in_batch", None)
+    shift_labels = extra.pop("shift_labels", None)
+    options = dict(state.options)
+    options["ignore_index"] = extra.pop("ignore_index", options["ignore_index"])
+
+    outputs = self.base_model(**arguments, **extra)
+    hidden = outputs.last_hidden_state  # (B, T, D)
+    head = self.get_output_embeddings()
+    targets = (labels if shift_labels is None else shift_labels).to(hidden.device)
+    softcap = getattr(self.config, "final_logit_softcapping", None)
+    skip = state.skip_logits if state.skip_logits is not None else self.training
+    if skip:
+        if head.weight.numel() == 0:
+            raise RuntimeError(
+                "the LM head's weight is empty outside its forward (DeepSpeed ZeRO-3 / FSDP1 / offloading?); "
+                "tokenloss.integrations.transformers.patch needs the weight itself: unpatch the model"
+            )
+        loss = linear_cross_entropy(
+            hidden,
+            head.weight,
+            targets,
+            bias=head.bias,
+            shift=shift_labels is None,
+            softcap=softcap,
+            num_items=num_items,
+            **options,
+        )
+        logits = None
+    else:
+        logits = head(hidden)  # (B, T, V)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap  # as the model's forward does
+        loss = cross_entropy(logits, targets, shift=shift_labels is None, num_items=num_items, **options)
+
+    result = _output(outputs, loss, logits)
+    return result if return_dict else result.to_tuple()
+
+
+def _output(outputs, loss, logits):
+    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions, CausalLMOutputWithPast
+
+    fields = dict(
+        loss=loss,
+        logits=logits,
+        cache=getattr(outputs, "cache", None),
+        hidden_states=getattr(outputs, "hidden_states", None),
+        attentions=getattr(outputs, "attentions", None),
+    )
+    if hasattr(outputs, "cross_attentions"):
+        return CausalLMOutputWithCrossAttentions(cross_attentions=outputs.cross_attentions, **fields)
+    return CausalLMOutputWithPast(**fields)

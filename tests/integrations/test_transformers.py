@@ -1,0 +1,331 @@
+"""Tests of tokenloss.integrations.transformers: patched tiny random causal LMs match their own loss and gradients."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+transformers = pytest.importorskip("transformers", reason="the transformers integration needs transformers")
+
+import tokenloss as tl  # noqa: E402
+from tokenloss.integrations.transformers import SUPPORTED_MODELS, is_patched, patch, unpatch  # noqa: E402
+
+VOCAB = 97
+# float32 everywhere; the patched loss differs from the model's own only by the order of float32 sums.
+LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the tiny models gain nothing from more, and on a busy machine threads make
+    each small op wait for a free core (15x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(family: str, *, softcap: float = 0.5) -> torch.nn.Module:
+    """A 2-layer random causal LM of ``family`` with tiny dimensions and no dropout."""
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if family == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=32,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        return transformers.GPT2LMHeadModel(config)
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {}),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=8)),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, dict(head_dim=8)),
+        # a small cap so that soft-capping changes the logits of a tiny random model noticeably
+        "gemma2": (
+            transformers.Gemma2Config,
+            transformers.Gemma2ForCausalLM,
+            dict(head_dim=8, final_logit_softcapping=softcap),
+        ),
+    }
+    config_class, model_class, extra = classes[family]
+    return model_class(config_class(**common, **extra))
+
+
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+
+
+def batch(seed: int = 0, shape=(2, 9)):
+    """input_ids, labels with -100 on a prompt and on right padding, and the attention mask."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, shape, generator=gen)
+    attention_mask = torch.ones(shape, dtype=torch.long)
+    attention_mask[1, -2:] = 0
+    labels = input_ids.clone()
+    labels[0, :3] = -100
+    labels[attention_mask == 0] = -100
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def loss_and_grads(model, **inputs):
+    model.zero_grad(set_to_none=True)
+    output = model(**inputs)
+    output.loss.backward()
+    return output, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert_close(got[name], expected[name], **GRAD_TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_supported_models_are_the_tested_families() -> None:
+    """Every class patch accepts is one that the tests below check."""
+    tested = {type(tiny_model(family)).__name__ for family in FAMILIES}
+    assert tested == set(SUPPORTED_MODELS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_loss_and_gradients_equal_the_models_own(family: str) -> None:
+    """In training mode the patched loss and every parameter gradient equal the unpatched model's, with no logits."""
+    model = tiny_model(family).train()
+    inputs = batch()
+    expected, expected_grads = loss_and_grads(model, **inputs)
+
+    head_calls = []
+    model.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
+    patch(model)
+    got, got_grads = loss_and_grads(model, **inputs)
+    assert got.logits is None and not head_calls  # the (B, T, V) logits were never built
+    assert_close(got.loss, expected.loss, **LOSS_TOL)
+    assert_same_grads(got_grads, expected_grads)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_num_items_in_batch_and_shift_labels(family: str) -> None:
+    """num_items_in_batch (as the Trainer passes it) and pre-shifted shift_labels give the model's own loss."""
+    model = tiny_model(family).train()
+    inputs = batch(1)
+    num_items = torch.tensor(23)
+    shift_labels = torch.nn.functional.pad(inputs["labels"], (0, 1), value=-100)[:, 1:].contiguous()
+    cases = [dict(num_items_in_batch=num_items), dict(shift_labels=shift_labels, num_items_in_batch=num_items)]
+    expected = [loss_and_grads(model, **inputs, **extra) for extra in cases]
+    patch(model)
+    for (want, want_grads), extra in zip(expected, cases):
+        got, got_grads = loss_and_grads(model, **inputs, **extra)
+        assert_close(got.loss, want.loss, **LOSS_TOL)
+        assert_same_grads(got_grads, want_grads)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])
+def test_eval_mode_builds_the_logits(family: str) -> None:
+    """In eval mode the logits are built (soft-capped as the model does) and the loss matches."""
+    model = tiny_model(family).eval()
+    inputs = batch(2)
+    with torch.no_grad():
+        expected = model(**inputs)
+        patch(model)
+        got = model(**inputs)
+    assert_close(got.logits, expected.logits, rtol=0, atol=0)
+    assert_close(got.loss, expected.loss, **LOSS_TOL)
+
+
+def test_skip_logits_false_keeps_logits_in_training() -> None:
+    """skip_logits=False builds the logits in training mode too; the gradients still match."""
+    model = tiny_model("gemma2").train()
+    inputs = batch(3)
+    expected, expected_grads = loss_and_grads(model, **inputs)
+    patch(model, skip_logits=False)
+    got, got_grads = loss_and_grads(model, **inputs)
+    assert_close(got.logits, expected.logits, rtol=0, atol=0)
+    assert_close(got.loss, expected.loss, **LOSS_TOL)
+    assert_same_grads(got_grads, expected_grads)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "gemma2"])
+def test_optimizer_steps_train_the_same(family: str) -> None:
+    """Four SGD steps on one batch of a patched copy follow the unpatched model: same losses, same weights.
+
+    (SGD, not Adam: Adam scales every gradient to a unit step, so it turns float32 noise in gradients that are
+    exactly zero in theory, such as GPT-2's key bias, into differences of the size of the learning rate.)"""
+    reference = tiny_model(family).train()
+    patched = patch(copy.deepcopy(reference))
+    assert patched.forward.__self__ is patched
+    runs = []
+    for model in (reference, patched):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        losses = []
+        for _ in range(4):
+            optimizer.zero_grad()
+            loss = model(**batch(10)).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        runs.append(torch.stack(losses))
+    assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-5)
+    assert runs[0][-1] < runs[0][0]  # it does train
+    for (name, p_ref), p_new in zip(reference.named_parameters(), patched.parameters()):
+        assert_close(p_new, p_ref, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_loss_options_change_the_loss_as_tl_cross_entropy() -> None:
+    """Label smoothing and z-loss passed to patch act like tl.cross_entropy on the model's own logits."""
+    model = tiny_model("gemma2").train()
+    inputs = batch(4)
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    expected = tl.cross_entropy(logits, inputs["labels"], shift=True, label_smoothing=0.1, z_loss=1e-3)
+    patch(model, label_smoothing=0.1, z_loss=1e-3, chunk_size=5)
+    assert_close(model(**inputs).loss, expected, **LOSS_TOL)
+
+
+def test_without_labels_the_original_forward_runs() -> None:
+    """Without labels (inference, generation) the output is the unpatched model's, logits included."""
+    model = tiny_model("llama").eval()
+    prompt = batch(5)["input_ids"][:1, :4]
+    with torch.no_grad():
+        expected_logits = model(input_ids=prompt).logits
+        expected_tokens = model.generate(prompt, max_new_tokens=3, do_sample=False)
+        patch(model)
+        assert_close(model(input_ids=prompt).logits, expected_logits, rtol=0, atol=0)
+        assert torch.equal(model.generate(prompt, max_new_tokens=3, do_sample=False), expected_tokens)
+
+
+def test_return_dict_false_gives_a_tuple_with_the_loss_first() -> None:
+    """return_dict=False returns a tuple whose first item is the loss, as the model's own forward."""
+    model = tiny_model("qwen2").train()
+    inputs = batch(6)
+    expected = model(**inputs, return_dict=False)
+    patch(model)
+    got = model(**inputs, return_dict=False)
+    assert isinstance(got, tuple)
+    assert_close(got[0], expected[0], **LOSS_TOL)
+
+
+def test_signature_is_kept_for_the_trainer() -> None:
+    """The patched forward shows the model's own signature (the Trainer reads it to keep dataset columns and to
+    pass num_items_in_batch)."""
+    model = tiny_model("llama")
+    before = inspect.signature(model.forward)
+    patch(model)
+    after = inspect.signature(model.forward)
+    assert after == before and "labels" in after.parameters
+    assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in after.parameters.values())
+
+
+def test_unpatch_restores_the_original_forward() -> None:
+    """unpatch removes the instance forward (logits are built again in training); it is a no-op twice."""
+    model = tiny_model("gpt2").train()
+    inputs = batch(7)
+    patch(model)
+    assert is_patched(model) and model(**inputs).logits is None
+    assert unpatch(model) is model
+    assert not is_patched(model) and "forward" not in model.__dict__
+    assert model(**inputs).logits is not None
+    unpatch(model)  # not patched: nothing to do
+
+
+def test_patch_again_replaces_the_options() -> None:
+    """A second patch replaces the first one's options instead of stacking two patches."""
+    model = tiny_model("llama").train()
+    inputs = batch(8)
+    plain = model(**inputs).loss
+    patch(model, z_loss=0.5)
+    assert model(**inputs).loss > plain + 1e-3
+    patch(model)
+    assert_close(model(**inputs).loss, plain, **LOSS_TOL)
+    unpatch(model)
+    assert "forward" not in model.__dict__
+
+
+def test_patch_keeps_a_previous_instance_forward() -> None:
+    """A forward wrapper set on the instance before patching (as accelerate does) is called and restored."""
+    model = tiny_model("llama").train()
+    calls = []
+    original = model.forward
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.forward = wrapper
+    patch(model)
+    model(input_ids=batch()["input_ids"])  # no labels: the previous forward
+    assert calls == [1]
+    unpatch(model)
+    assert model.forward is wrapper
+
+
+def test_unsupported_models_are_refused() -> None:
+    """Another architecture, a subclass overriding forward, a custom loss_function or a non-Linear head: TypeError."""
+    bert = transformers.BertLMHeadModel(
+        transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+        )
+    )
+    with pytest.raises(TypeError, match="does not support BertLMHeadModel .* supported: GPT2LMHeadModel"):
+        patch(bert)
+    with pytest.raises(TypeError, match="does not support Linear"):
+        patch(torch.nn.Linear(2, 2))
+
+    class Custom(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    config = tiny_model("llama").config
+    with pytest.raises(TypeError, match="overrides LlamaForCausalLM.forward"):
+        patch(Custom(config))
+    model = tiny_model("llama")
+    model.loss_function = lambda *args, **kwargs: 0
+    with pytest.raises(TypeError, match="custom loss_function"):
+        patch(model)
+    model = tiny_model("llama")
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    with pytest.raises(TypeError, match="not a plain torch.nn.Linear"):
+        patch(model)
+    assert not is_patched(model)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        (dict(softcap=30.0), TypeError, "final_logit_softcapping"),
+        (dict(shift=False), TypeError, "causal shift"),
+        (dict(num_items=3), TypeError, "num_items_in_batch"),
+        (dict(alpha=1.0), TypeError, "unknown loss option 'alpha'"),
+        (dict(label_smoothing=2.0), ValueError, "label_smoothing must be in"),
+        (dict(impl="cuda"), ValueError, "impl must be one of"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+        (dict(skip_logits="yes"), TypeError, "skip_logits must be"),
+    ],
+)
+def test_bad_options_are_refused_at_patch_time(options, error, match) -> None:
+    """Options the patch owns, unknown names and out-of-range values fail when patching, not mid-training."""
+    model = tiny_model("llama")
+    with pytest.raises(error, match=match):
+        patch(model, **options)
+    assert not is_patched(model)
