@@ -1,0 +1,383 @@
+"""Fused linear layer + cross-entropy in PyTorch: the loss and every gradient chunk by chunk, never the (N, V) logits.
+
+For hidden states ``h`` ``(N, D)``, an LM head ``W`` ``(V, D)`` and an optional bias ``b`` ``(V,)``
+the logits ``h @ W.T + b`` take ``N * V`` numbers. This module walks the rows in chunks of ``n``;
+per chunk it holds one ``(n, V)`` buffer (plus a float32 copy for bf16/fp16 inputs) and:
+
+1. computes the chunk's logits with one matrix product;
+2. turns them *in place* into the per-row statistics of :mod:`tokenloss.ops.rowwise` (one
+   ``exp`` per element: the row maximum is subtracted, the buffer exponentiated and summed,
+   so ``lse = max + log(sum)``) and the coefficients ``alpha, beta, delta`` from
+   :func:`~tokenloss.ops.rowwise.loss_and_coefficients` (the shared per-row math);
+3. turns the same buffer into the gradient of the logits ``alpha * softmax - beta * onehot - delta``
+   (times the soft-capping derivative), and
+4. multiplies it into ``grad_hidden`` (one product) and adds it into ``grad_weight`` (one product).
+
+Rows that do not count (ignored or masked) are dropped *before* the products (an
+``index_select`` of the counted rows), so a batch with 70% prompt tokens costs about 30%.
+
+Two strategies, chosen by the reduction:
+
+- ``"mean"``/``"sum"``: the upstream gradient is one scalar, so the gradients are computed during
+  the forward pass (three products per chunk: logits, grad_hidden, grad_weight) and only
+  multiplied by that scalar in the backward pass, in place. The backward pass can run once.
+- ``"none"``: the upstream gradient differs per row, so the forward pass keeps only ``(N,)``
+  statistics and the backward pass recomputes each chunk's logits (four products in all).
+
+Precision: bf16/fp16 logits are computed by a product in the input dtype (as the unfused
+``hidden @ weight.T`` would be), the statistics and the gradient of the logits in float32, and
+``grad_weight``/``grad_bias`` are accumulated across chunks in float32 (float32 products from the
+float32 gradient). ``grad_hidden`` is not accumulated across chunks: each row lies in one chunk and
+its reduction over V happens inside one product, which accumulates in float32.
+
+Host synchronisation: selecting the counted rows needs their number (one sync on CUDA, before
+any product); with ``check_inputs=True`` the finite check of the log-sum-exp adds one more after
+the chunk loop. The loop itself has no ``.item()`` or data-dependent shape.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from tokenloss.ops.rowwise import (
+    RowStatistics,
+    accumulation_dtype,
+    check_finite_rows,
+    loss_and_coefficients,
+    scale_coefficients,
+)
+from tokenloss.options import LossOptions, PreparedTargets
+
+# Chunk rule (see :func:`rows_per_chunk`): a chunk's (n, V) float32 buffer is about CHUNK_BYTES,
+# but never fewer than MIN_CHUNK_ROWS rows, because every chunk re-reads and re-writes the whole
+# (V, D) grad_weight accumulator in its product, and a product whose inner dimension is a few
+# dozen rows runs at memory speed instead of compute speed (measured in
+# benchmarks/bench_linear_cross_entropy.py). Never more than 1/MAX_MEMORY_FRACTION of the
+# memory that is free now.
+CHUNK_BYTES = 64 << 20
+MIN_CHUNK_ROWS = 128
+MAX_MEMORY_FRACTION = 16
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Free memory of ``device`` in bytes (CUDA: ``mem_get_info``; CPU: MemAvailable), or None if unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu" and os.path.exists("/proc/meminfo"):
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (RuntimeError, OSError, ValueError):
+        return None
+    return None
+
+
+def rows_per_chunk(
+    n_rows: int, vocab_size: int, *, chunk_size: int | None = None, device: torch.device | None = None
+) -> int:
+    """Rows per chunk of the fused loss.
+
+    ``chunk_size`` if given. Otherwise ``n = CHUNK_BYTES / (4 V)`` rows (64 MiB of float32
+    logits: 524 rows at V = 32000, 130 at V = 128256), raised to ``MIN_CHUNK_ROWS`` = 128 so the
+    grad_weight product stays compute-bound, lowered so that ``n * V * 4`` bytes stays under
+    1/16 of the memory free on ``device``, and never more than ``n_rows``. At least 1.
+
+    Raises:
+        ValueError: ``chunk_size`` not a positive int.
+    """
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
+        return chunk_size
+    row_bytes = 4 * max(vocab_size, 1)
+    rows = max(CHUNK_BYTES // row_bytes, MIN_CHUNK_ROWS)
+    free = _available_bytes(device) if device is not None else None
+    if free is not None:
+        rows = min(rows, free // (MAX_MEMORY_FRACTION * row_bytes))
+    return max(1, min(rows, max(n_rows, 1)))
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
+    """``hidden @ weight.T + bias`` written into ``out`` ``(n, V)`` (input dtype)."""
+    if bias is None:
+        return torch.mm(hidden, weight.t(), out=out)
+    return torch.addmm(bias, hidden, weight.t(), out=out)
+
+
+def _statistics_inplace(
+    logits: Tensor, targets: Tensor, options: LossOptions
+) -> tuple[Tensor, RowStatistics, Tensor]:
+    """Per-row statistics of a chunk, leaving ``exp(z - max)`` in a float buffer.
+
+    Equal to :func:`tokenloss.ops.rowwise.chunk_statistics` (tested), with one ``exp`` per element
+    and no ``(n, V)`` temporary: ``z`` is the capped logits in the accumulation dtype (the
+    ``logits`` buffer itself for float32/float64 without a cap).
+
+    Args:
+        logits: ``(n, V)`` raw logits; overwritten when it is already in the accumulation dtype
+            and there is no softcap.
+        targets: ``(n,)`` int64 in ``[0, V)``.
+        options: loss options.
+
+    Returns:
+        ``(exp_shifted, stats, row_sum)``: ``exp_shifted`` ``(n, V)`` holds ``exp(z - max_row)``,
+        ``stats`` the :class:`~tokenloss.ops.rowwise.RowStatistics`, ``row_sum`` ``(n,)`` the sum
+        of ``exp_shifted`` (so ``softmax = exp_shifted / row_sum``).
+    """
+    acc = accumulation_dtype(logits.dtype)
+    if options.softcap is not None:
+        z = torch.tanh(logits.to(acc) / options.softcap).mul_(options.softcap)
+    else:
+        z = logits if logits.dtype == acc else logits.to(acc)
+    target_logit = z.gather(1, targets.unsqueeze(1)).squeeze(1)
+    logit_sum = z.sum(dim=-1) if options.label_smoothing > 0 else None
+    row_max = z.amax(dim=-1)
+    # A row whose maximum is +-inf would give inf - inf = NaN; shift it by 0 instead, so the
+    # log-sum-exp comes out non-finite and check_finite_rows names the row.
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    exp_shifted = z.sub_(shift.unsqueeze(1)).exp_()
+    row_sum = exp_shifted.sum(dim=-1)
+    lse = row_sum.log().add_(shift)
+    return exp_shifted, RowStatistics(lse, target_logit, logit_sum), row_sum
+
+
+def _gradient_inplace(
+    scaled_probs: Tensor,
+    raw_logits: Tensor,
+    targets: Tensor,
+    beta: Tensor,
+    delta: Tensor,
+    options: LossOptions,
+) -> Tensor:
+    """Turns ``alpha * softmax`` ``(n, V)`` into the gradient w.r.t. the raw logits, in place.
+
+    Subtracts ``beta * onehot + delta`` and multiplies by the soft-capping derivative
+    ``1 - tanh(x / c) ** 2``, recomputed from ``raw_logits`` (which it then overwrites; only
+    when a softcap is set). Equal to :func:`tokenloss.ops.rowwise.chunk_gradient` (tested).
+    """
+    grad = scaled_probs
+    grad.scatter_add_(1, targets.unsqueeze(1), -beta.unsqueeze(1))
+    grad.sub_(delta.unsqueeze(1))
+    if options.softcap is not None:
+        if raw_logits.dtype == grad.dtype:
+            derivative = raw_logits.div_(options.softcap).tanh_()
+        else:
+            derivative = torch.tanh(raw_logits.to(grad.dtype) / options.softcap)
+        grad.mul_(derivative.square_().neg_().add_(1))
+    return grad
+
+
+class _GradientSink:
+    """Where the gradients of one call go: ``(M, D)`` grad_hidden rows, and float32/float64
+    accumulators for grad_weight ``(V, D)`` and grad_bias ``(V,)``, each only if needed."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool]) -> None:
+        acc = accumulation_dtype(weight.dtype)
+        self.hidden = torch.zeros_like(hidden) if needs[0] else None
+        self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
+        self.bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs[2] else None
+
+    def add_chunk(self, rows: slice, grad_logits: Tensor, grad_lowp: Tensor, hidden: Tensor, weight: Tensor) -> None:
+        """Adds one chunk: ``grad_logits`` ``(n, V)`` in the accumulation dtype, ``grad_lowp`` the
+        same in the input dtype (the same tensor for float32/float64), ``hidden`` ``(n, D)``."""
+        if self.hidden is not None:
+            torch.mm(grad_lowp, weight, out=self.hidden[rows])  # (n, D)
+        if self.weight is not None:
+            self.weight.addmm_(grad_logits.t(), hidden.to(grad_logits.dtype))  # (V, D) += (V, n) @ (n, D)
+        if self.bias is not None:
+            self.bias.add_(grad_logits.sum(dim=0))
+
+
+def _fused_chunks(
+    hidden: Tensor,  # (M, D) counted rows only
+    weight: Tensor,  # (V, D)
+    bias: Tensor | None,  # (V,)
+    targets: Tensor,  # (M,) int64 in [0, V)
+    weights: Tensor,  # (M,) accumulation dtype, > 0 or token weight
+    options: LossOptions,
+    chunk_rows: int,
+    *,
+    row_scale: Tensor | None,
+    sink: _GradientSink | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward chunk loop: per-row losses ``(M,)``, and the gradients into ``sink`` if given.
+
+    ``row_scale`` ``(M,)`` multiplies each row's gradient (weight / denominator for ``"mean"``).
+    Returns ``(loss, lse, alpha, beta, delta)``, each ``(M,)`` in the accumulation dtype; the
+    coefficients are unscaled (what ``"none"`` saves for its backward pass).
+    """
+    n_rows, vocab_size = hidden.shape[0], weight.shape[0]
+    acc = accumulation_dtype(hidden.dtype)
+    outputs = [torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(5)]
+    buffer = hidden.new_empty(min(chunk_rows, n_rows), vocab_size)  # (n, V): the one big tensor
+    for start in range(0, n_rows, chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        h = hidden[rows]
+        logits = _chunk_logits(h, weight, bias, buffer[: h.shape[0]])
+        probs, stats, row_sum = _statistics_inplace(logits, targets[rows], options)
+        loss, alpha, beta, delta = loss_and_coefficients(stats, weights[rows], vocab_size, options)
+        for out, value in zip(outputs, (loss, stats.lse, alpha, beta, delta)):
+            out[rows] = value
+        if sink is None:
+            continue
+        alpha_s, beta_s, delta_s = scale_coefficients(alpha, beta, delta, row_scale[rows])
+        grad = _gradient_inplace(
+            probs.mul_((alpha_s / row_sum).unsqueeze(1)), logits, targets[rows], beta_s, delta_s, options
+        )
+        grad_lowp = grad if grad.dtype == hidden.dtype else logits.copy_(grad)
+        sink.add_chunk(rows, grad, grad_lowp, h, weight)
+    return tuple(outputs)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """``(M, D)`` counted hidden rows, ``(V, D)`` weight, ``(V,)`` bias -> the loss.
+
+    ``reduction`` ``"mean"``/``"sum"``: returns the reduced 0-dim loss, gradients computed in the
+    forward pass. ``"none"``: returns ``(M,)`` per-row losses, gradients recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,  # (M, D)
+        weight: Tensor,  # (V, D)
+        bias: Tensor | None,  # (V,) or None
+        targets: Tensor,  # (M,) int64
+        weights: Tensor,  # (M,) float32
+        denominator: Tensor,  # () float32, for "mean"
+        options: LossOptions,
+        chunk_rows: int,
+        needs: tuple[bool, bool, bool],  # grad of hidden, weight, bias wanted
+    ) -> Tensor:
+        acc = accumulation_dtype(hidden.dtype)
+        weights = weights.to(acc)
+        ctx.options, ctx.chunk_rows, ctx.needs = options, chunk_rows, needs
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        grad_now = options.reduction != "none" and any(needs)
+        row_scale = None
+        if grad_now:
+            row_scale = weights / denominator.to(acc) if options.reduction == "mean" else weights
+        sink = _GradientSink(hidden, weight, bias, needs) if grad_now else None
+        loss, lse, alpha, beta, delta = _fused_chunks(
+            hidden, weight, bias, targets, weights, options, chunk_rows, row_scale=row_scale, sink=sink
+        )
+        if options.check_inputs:
+            check_finite_rows(lse, torch.ones_like(lse, dtype=torch.bool), "logits (hidden @ weight.T + bias)")
+        if options.reduction == "none":
+            ctx.save_for_backward(hidden, weight, bias, targets, weights, lse, alpha, beta, delta)
+            ctx.grads = None
+            return loss.float() if acc != torch.float64 else loss
+        ctx.grads = sink
+        total = loss.sum()
+        return total / denominator.to(acc) if options.reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        if ctx.options.reduction == "none":
+            grads = _recompute_gradients(ctx, grad_output)
+        else:
+            sink = ctx.grads
+            if sink is None:
+                raise RuntimeError(
+                    "linear_cross_entropy computes its gradients during the forward pass and hands them "
+                    "out once: a second backward through the same graph (retain_graph=True) is not "
+                    "supported; run the forward again, or use reduction='none' and reduce yourself"
+                )
+            ctx.grads = None  # drop our reference so autograd can take the tensors without a copy
+            grads = (sink.hidden, sink.weight, sink.bias)
+            scale = grad_output.reshape(())
+            grads = tuple(None if g is None else g.mul_(scale.to(g.dtype)) for g in grads)
+        grads = tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
+        return (*grads, None, None, None, None, None, None)
+
+
+def _recompute_gradients(ctx, grad_rows: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Backward of ``"none"``: recompute each chunk's logits, softmax from the saved lse, gradient."""
+    hidden, weight, bias, targets, weights, lse, alpha, beta, delta = ctx.saved_tensors
+    options, chunk_rows = ctx.options, ctx.chunk_rows
+    needs = tuple(ctx.needs_input_grad[:3])
+    row_scale = grad_rows.to(weights.dtype) * weights
+    alpha, beta, delta = scale_coefficients(alpha, beta, delta, row_scale)
+    sink = _GradientSink(hidden, weight, bias, needs)
+    acc = accumulation_dtype(hidden.dtype)
+    buffer = hidden.new_empty(min(chunk_rows, hidden.shape[0]), weight.shape[0])
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        h = hidden[rows]
+        logits = _chunk_logits(h, weight, bias, buffer[: h.shape[0]])
+        if options.softcap is not None:
+            z = torch.tanh(logits.to(acc) / options.softcap).mul_(options.softcap)
+        else:
+            z = logits if logits.dtype == acc else logits.to(acc)
+        probs = z.sub_(lse[rows].unsqueeze(1)).exp_().mul_(alpha[rows].unsqueeze(1))
+        grad = _gradient_inplace(probs, logits, targets[rows], beta[rows], delta[rows], options)
+        grad_lowp = grad if grad.dtype == hidden.dtype else logits.copy_(grad)
+        sink.add_chunk(rows, grad, grad_lowp, h, weight)
+    return sink.hidden, sink.weight, sink.bias
+
+
+def _counted_rows(counted: Tensor) -> Tensor | None:
+    """Indices ``(M,)`` of the rows that count, or None when all do (then nothing is copied).
+
+    One host sync on CUDA (``nonzero`` must know M to size its result).
+    """
+    index = counted.nonzero().squeeze(1)
+    return None if index.numel() == counted.numel() else index
+
+
+def linear_cross_entropy_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    prepared: PreparedTargets,
+    options: LossOptions,
+    *,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """The loss of ``hidden @ weight.T + bias`` without the ``(N, V)`` logits.
+
+    Args:
+        hidden: ``(N, D)`` float32, bfloat16, float16 or float64.
+        weight: ``(V, D)`` same dtype and device.
+        bias: ``(V,)`` same dtype and device, or None.
+        prepared: targets from :func:`tokenloss.options.prepare_targets` for the N rows.
+        options: loss options; ``options.reduction`` chooses the output.
+        chunk_size: rows per chunk (None: :func:`rows_per_chunk`).
+
+    Returns:
+        ``"mean"``/``"sum"``: a 0-dim float32 tensor (float64 for float64 inputs), the sum divided
+        by ``prepared.denominator`` for ``"mean"``. ``"none"``: ``(N,)`` per-row losses, 0 where a
+        row does not count.
+    """
+    n_rows = hidden.shape[0]
+    index = _counted_rows(prepared.counted)
+    rows_hidden, targets, weights = hidden, prepared.targets, prepared.weights
+    if index is not None:
+        rows_hidden = hidden.index_select(0, index)  # (M, D): dropped rows never reach a product
+        targets, weights = targets.index_select(0, index), weights.index_select(0, index)
+    chunk_rows = rows_per_chunk(rows_hidden.shape[0], weight.shape[0], chunk_size=chunk_size, device=hidden.device)
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    loss = LinearCrossEntropyFunction.apply(
+        rows_hidden.contiguous(),
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        targets,
+        weights,
+        prepared.denominator,
+        options,
+        chunk_rows,
+        needs,
+    )
+    if options.reduction != "none" or index is None:
+        return loss
+    return loss.new_zeros(n_rows).index_copy(0, index, loss)

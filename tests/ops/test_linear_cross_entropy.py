@@ -1,0 +1,259 @@
+"""The fused linear + cross-entropy op: its in-place kernels, chunk rule, gradients, memory and bf16 accuracy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenloss.ops import linear_cross_entropy as lce
+from tokenloss.ops.rowwise import chunk_gradient, chunk_statistics, loss_and_coefficients, scale_coefficients
+from tokenloss.options import LossOptions, prepare_targets
+from tokenloss.reference import reference_cross_entropy
+
+KERNEL_OPTIONS = [
+    LossOptions(),
+    LossOptions(label_smoothing=0.3),
+    LossOptions(softcap=3.0),
+    LossOptions(softcap=30.0, label_smoothing=0.1, z_loss=1e-2, focal_gamma=2.0),
+]
+KERNEL_TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-5, 1e-6), torch.float64: (1e-12, 1e-14)}
+
+
+def _logits(n, v, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, v, generator=gen, dtype=torch.float64) * 4
+    logits[0, :] += 1e4  # large logits stay finite after the max shift
+    logits[1, : v // 2] = float("-inf")  # masked-out vocabulary entries
+    return logits.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", list(KERNEL_TOLERANCES), ids=str)
+@pytest.mark.parametrize("options", KERNEL_OPTIONS, ids=lambda o: f"eps{o.label_smoothing}-cap{o.softcap}")
+def test_inplace_kernels_equal_the_rowwise_kernels(dtype, options):
+    """_statistics_inplace + _gradient_inplace give rowwise.chunk_statistics + chunk_gradient's values,
+    computed in float64 on the same input (large, -inf and ordinary logits)."""
+    logits = _logits(6, 23, dtype)
+    if options.softcap is not None and options.softcap < 10:
+        logits = logits[2:]  # soft-capping 1e4 by 3 saturates tanh: keep the ordinary rows
+    if options.label_smoothing > 0:
+        logits = logits.clamp(min=-50)  # label smoothing sums every logit: -inf rows are infinite losses
+    targets = torch.tensor([3, 20, 0, 22, 7, 11])[: logits.shape[0]]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weights = torch.linspace(0.5, 1.5, logits.shape[0], dtype=acc)
+    want = chunk_statistics(logits.double(), targets, options)
+    probs, got, row_sum = lce._statistics_inplace(logits.clone(), targets, options)
+    rtol, atol = KERNEL_TOLERANCES[dtype]
+    for name in ("lse", "target_logit", "logit_sum"):
+        if getattr(want, name) is not None:
+            torch.testing.assert_close(getattr(got, name).double(), getattr(want, name), rtol=rtol, atol=atol, msg=name)
+
+    _, alpha, beta, delta = loss_and_coefficients(got, weights, logits.shape[1], options)
+    alpha, beta, delta = scale_coefficients(alpha, beta, delta, weights)
+    want_grad = chunk_gradient(
+        logits.double(), targets, want.lse, alpha.double(), beta.double(), delta.double(), options
+    )
+    got_grad = lce._gradient_inplace(
+        probs.mul_((alpha / row_sum).unsqueeze(1)), logits.clone(), targets, beta, delta, options
+    )
+    assert got_grad.dtype == acc
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "vocab", "chunk_size", "expected"),
+    [
+        (4096, 32000, None, 524),  # 64 MiB / (4 * 32000)
+        (2048, 128256, None, 130),
+        (8192, 262144, None, 128),  # raised to MIN_CHUNK_ROWS
+        (100, 32000, None, 100),  # never more than N
+        (0, 32000, None, 1),
+        (4096, 32000, 77, 77),
+    ],
+)
+def test_chunk_rule(n_rows, vocab, chunk_size, expected):
+    """rows_per_chunk follows the documented rule (memory-free cap not binding on this machine)."""
+    assert lce.rows_per_chunk(n_rows, vocab, chunk_size=chunk_size) == expected
+
+
+def test_chunk_rule_respects_free_memory(monkeypatch):
+    """With little free memory the chunk shrinks to 1/16 of it."""
+    monkeypatch.setattr(lce, "_available_bytes", lambda device: 16 * 4 * 32000 * 10)
+    assert lce.rows_per_chunk(4096, 32000, device=torch.device("cpu")) == 10
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_chunk_rule_rejects_bad_chunk_size(bad):
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        lce.rows_per_chunk(10, 10, chunk_size=bad)
+
+
+def _prepared(targets, options, **kwargs):
+    return prepare_targets(tuple(targets.shape), targets, 11, options, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        LossOptions(reduction="none"),
+        LossOptions(reduction="none", softcap=2.0, label_smoothing=0.2, focal_gamma=1.5, z_loss=0.1),
+    ],
+    ids=["plain", "everything"],
+)
+def test_gradcheck_float64_recomputing_path(options):
+    """float64 gradcheck of hidden, weight and bias through the "none" path (recomputed backward)."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([1, -100, 10, 0, 5, -100, 3])
+    prepared = _prepared(targets, options)
+
+    def fn(h, w, b):
+        return lce.linear_cross_entropy_loss(h, w, b, prepared, options, chunk_size=3)
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("options", [{}, {"softcap": 2.0, "label_smoothing": 0.2, "focal_gamma": 0.5, "z_loss": 0.1}])
+def test_gradients_in_forward_equal_float64_reference(reduction, options):
+    """The gradients computed during the forward pass equal autograd through tokenloss.reference (float64)."""
+    gen = torch.Generator().manual_seed(1)
+    leaves = [torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((9, 5), (11, 5), (11,))]
+    targets = torch.tensor([1, -100, 10, 0, 5, -100, 3, 3, 2])
+    mask = torch.tensor([True] * 8 + [False])
+    opts = LossOptions(reduction=reduction, **options)
+    fused = [t.clone().requires_grad_() for t in leaves]
+    loss = lce.linear_cross_entropy_loss(*fused, _prepared(targets, opts, mask=mask), opts, chunk_size=2)
+    (loss * 1.7).backward()
+    ref = [t.clone().requires_grad_() for t in leaves]
+    ref_loss = reference_cross_entropy(ref[0] @ ref[1].T + ref[2], targets, mask=mask, reduction=reduction, **options)
+    (ref_loss * 1.7).backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    for got, want in zip(fused, ref):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_none_returns_zero_for_rows_that_do_not_count():
+    """linear_cross_entropy_loss with "none" returns (N,) with exact zeros at ignored rows."""
+    opts = LossOptions(reduction="none")
+    targets = torch.tensor([1, -100, 10, -100])
+    rows = lce.linear_cross_entropy_loss(torch.randn(4, 3), torch.randn(11, 3), None, _prepared(targets, opts), opts)
+    assert rows.shape == (4,) and rows.dtype == torch.float32
+    assert rows[1].item() == 0.0 and rows[3].item() == 0.0 and (rows[[0, 2]] > 0).all()
+
+
+def test_second_backward_raises_clear_error():
+    """Gradients computed in the forward pass are handed out once; a second backward says why it fails."""
+    opts = LossOptions()
+    hidden = torch.randn(4, 3, requires_grad=True)
+    loss = lce.linear_cross_entropy_loss(
+        hidden, torch.randn(11, 3), None, _prepared(torch.tensor([1, 2, 3, 4]), opts), opts
+    )
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+def test_rows_that_do_not_count_never_reach_a_product(monkeypatch):
+    """Only counted rows are multiplied: an SFT batch with 70% prompt tokens does 30% of the products."""
+    seen = []
+    original = lce._chunk_logits
+
+    def spy(hidden, weight, bias, out):
+        seen.append(hidden.shape[0])
+        return original(hidden, weight, bias, out)
+
+    monkeypatch.setattr(lce, "_chunk_logits", spy)
+    targets = torch.randint(0, 11, (100,))
+    mask = torch.arange(100) >= 70  # 70 prompt tokens
+    opts = LossOptions()
+    hidden = torch.randn(100, 3, requires_grad=True)
+    lce.linear_cross_entropy_loss(
+        hidden, torch.randn(11, 3), None, _prepared(targets, opts, mask=mask), opts, chunk_size=8
+    ).backward()
+    assert sum(seen) == 30
+    assert hidden.grad[:70].abs().sum() == 0 and hidden.grad[70:].abs().sum() > 0
+
+
+def test_frozen_weight_costs_no_weight_gradient(monkeypatch):
+    """With a frozen head no (V, D) gradient accumulator is allocated and weight.grad stays None."""
+    sinks = []
+    original = lce._GradientSink.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        sinks.append(self)
+
+    monkeypatch.setattr(lce._GradientSink, "__init__", spy)
+    opts = LossOptions()
+    hidden, weight = torch.randn(6, 3, requires_grad=True), torch.randn(11, 3)
+    lce.linear_cross_entropy_loss(hidden, weight, None, _prepared(torch.arange(6), opts), opts).backward()
+    assert len(sinks) == 1 and sinks[0].weight is None and sinks[0].bias is None
+    assert weight.grad is None and hidden.grad is not None
+
+
+_PEAK_SCRIPT = textwrap.dedent(
+    """
+    import gc, sys, torch, tokenloss as tl
+    torch.set_num_threads(1)
+    n, d, v = 4096, 16, 32768
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    hidden = torch.randn(n, d).requires_grad_()
+    weight = (torch.randn(v, d) * 0.25).requires_grad_()
+    targets = torch.randint(0, v, (n,))
+    gc.collect()
+    open("/proc/self/clear_refs", "w").write("5")
+    before = status("VmRSS")
+    tl.linear_cross_entropy(hidden, weight, targets, chunk_size=int(sys.argv[1])).backward()
+    print(status("VmHWM") - before)
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read peak RSS")
+def test_never_allocates_an_n_by_v_tensor():
+    """Peak RSS growth of a fused step with N x V = 512 MiB of float32 logits stays far below N x V."""
+    chunk = 256
+    proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(chunk)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    growth = int(proc.stdout.split()[-1])
+    n_by_v = 4096 * 32768 * 4
+    chunk_buffer = chunk * 32768 * 4  # 32 MiB
+    grads = (4096 * 16 + 32768 * 16) * 4
+    assert growth < n_by_v / 4, f"peak grew by {growth / 2**20:.0f} MiB; N x V is {n_by_v / 2**20:.0f} MiB"
+    assert growth < 2 * chunk_buffer + grads + (16 << 20), f"peak grew by {growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.slow
+def test_bfloat16_gradients_at_262144_words_no_worse_than_pytorch():
+    """At V = 262144 in bf16, the fused gradients (float32 accumulation over 8 chunks) are at least as
+    close to float64 as PyTorch's unfused bf16 ``F.cross_entropy(hidden @ weight.T)``."""
+    n, d, v = 32, 16, 262144
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, d, generator=gen).bfloat16()
+    weight = (torch.randn(v, d, generator=gen) * 0.5).bfloat16()
+    targets = torch.randint(0, v, (n,), generator=gen)
+
+    def grads(fn, dtype):
+        h, w = (t.to(dtype, copy=True).requires_grad_() for t in (hidden, weight))
+        fn(h, w).backward()
+        return h.grad.double(), w.grad.double()
+
+    import tokenloss as tl
+
+    truth = grads(lambda h, w: torch.nn.functional.cross_entropy(h @ w.T, targets), torch.float64)
+    torch_bf16 = grads(lambda h, w: torch.nn.functional.cross_entropy(h @ w.T, targets), torch.bfloat16)
+    fused = grads(lambda h, w: tl.linear_cross_entropy(h, w, targets, chunk_size=4), torch.bfloat16)
+    for name, want, ours, theirs in zip(("hidden", "weight"), truth, fused, torch_bf16):
+        ours_err = ((ours - want).norm() / want.norm()).item()
+        theirs_err = ((theirs - want).norm() / want.norm()).item()
+        assert ours_err <= theirs_err * 1.05, f"grad_{name}: fused {ours_err:.2e} vs PyTorch bf16 {theirs_err:.2e}"
