@@ -9,9 +9,9 @@ The formulas, written plainly, are in :mod:`tokenloss.reference`; the per-row ma
 paths in :mod:`tokenloss.ops.rowwise`.
 """
 
-from tokenloss.functional import cross_entropy
-from tokenloss.modules import CrossEntropyLoss
+from tokenloss.functional import cross_entropy, linear_cross_entropy
+from tokenloss.modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["CrossEntropyLoss", "cross_entropy", "__version__"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "cross_entropy", "linear_cross_entropy", "__version__"]

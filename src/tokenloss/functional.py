@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from tokenloss.ops import resolve_impl
-from tokenloss.options import LossOptions, check_logits, prepare_targets
+from tokenloss.options import FLOAT_DTYPES, LossOptions, check_logits, prepare_targets
 
 
 def _rows_module(impl: str, device: torch.device):
@@ -127,3 +127,115 @@ def cross_entropy(
         chunk_size=chunk_size,
     )
     return prepared.reduce(rows, reduction)
+
+
+def _check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """Raises TypeError/ValueError unless hidden ``(..., D)``, weight ``(V, D)``, bias ``(V,)`` agree."""
+    for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if tensor is None and name == "bias":
+            continue
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {tensor.dtype}")
+    if hidden.ndim < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"hidden must have shape (..., D) with D >= 1, got {tuple(hidden.shape)}")
+    if weight.ndim != 2 or weight.shape[0] < 1 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (V, D) = (V, {hidden.shape[-1]}) with V >= 1 (D from hidden), "
+            f"got {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is None:
+            continue
+        if tensor.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have the dtype of hidden ({hidden.dtype}), got {tensor.dtype}")
+        if tensor.device != hidden.device:
+            raise ValueError(f"{name} must be on the device of hidden ({hidden.device}), got {tensor.device}")
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    mask: Tensor | None = None,
+    shift: bool = False,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    focal_gamma: float = 0.0,
+    token_weights: Tensor | None = None,
+    num_items: int | float | Tensor | None = None,
+    impl: str = "auto",
+    check_inputs: bool = True,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Cross-entropy of ``hidden @ weight.T + bias`` without ever holding the ``(N, V)`` logits.
+
+    Equal to ``cross_entropy(hidden @ weight.T + bias, targets, ...)`` in value and gradients
+    (within float32 rounding), but the logits exist only one chunk of rows at a time, so the extra
+    memory is about ``chunk x V`` floats whatever N is (:mod:`tokenloss.ops.linear_cross_entropy`).
+    Rows that do not count are dropped before the matrix products. With ``"mean"``/``"sum"`` the
+    gradients are computed during the forward pass (so one backward per forward).
+
+    Args:
+        hidden: ``(..., D)`` float32, bfloat16, float16 or float64: the last hidden states.
+        weight: ``(V, D)`` the LM head (``nn.Linear(D, V).weight``); same dtype and device.
+        targets: ``(...)`` integer class indices, the leading shape of ``hidden``.
+        bias: optional ``(V,)``; same dtype and device.
+        ignore_index, mask, shift, reduction, label_smoothing, z_loss, softcap, focal_gamma,
+        token_weights, num_items, check_inputs: as in :func:`cross_entropy`; ``shift`` shifts
+            along ``hidden``'s second-to-last dimension and ``targets``' last.
+        impl: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`tokenloss.ops`).
+        chunk_size: rows per chunk; None picks one from N, V and the free memory
+            (:func:`tokenloss.ops.linear_cross_entropy.rows_per_chunk`).
+
+    Returns:
+        A float32 scalar for ``"mean"``/``"sum"`` (float64 for float64 inputs); for ``"none"`` the
+        per-position losses shaped like ``targets`` (after the shift), 0.0 where nothing counts.
+
+    Raises:
+        TypeError: a non-floating ``hidden``/``weight``/``bias`` or dtypes that differ; targets,
+            mask, token_weights of the wrong kind.
+        ValueError: shapes that do not match (``weight`` must be ``(V, D)``), tensors on different
+            devices, a bad option, a target out of ``[0, V)``, non-finite logits in a counted row.
+
+    Examples:
+        >>> import torch, tokenloss as tl
+        >>> hidden, weight = torch.zeros(2, 3), torch.zeros(5, 3)   # uniform logits over V = 5
+        >>> round(tl.linear_cross_entropy(hidden, weight, torch.tensor([1, 3])).item(), 3)
+        1.609
+    """
+    options = LossOptions(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        focal_gamma=focal_gamma,
+        check_inputs=check_inputs,
+    )
+    _check_linear_inputs(hidden, weight, bias)
+    if shift and hidden.ndim < 2:
+        raise ValueError(f"shift=True needs hidden shaped (..., T, D), got {tuple(hidden.shape)}")
+    prepared = prepare_targets(
+        tuple(hidden.shape[:-1]),
+        targets,
+        weight.shape[0],
+        options,
+        mask=mask,
+        shift=shift,
+        token_weights=token_weights,
+        num_items=num_items,
+        input_name="hidden",
+    )
+    loss = _rows_module(impl, hidden.device).linear_cross_entropy_loss(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, prepared, options, chunk_size=chunk_size
+    )
+    return prepared.reduce(loss, "none") if reduction == "none" else loss

@@ -26,5 +26,6 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 from tokenloss.ops.cross_entropy import cross_entropy_rows  # noqa: E402
+from tokenloss.ops.linear_cross_entropy import linear_cross_entropy_loss  # noqa: E402
 
-__all__ = ["IMPLEMENTATIONS", "cross_entropy_rows", "resolve_impl"]
+__all__ = ["IMPLEMENTATIONS", "cross_entropy_rows", "linear_cross_entropy_loss", "resolve_impl"]
