@@ -119,6 +119,12 @@ def test_end_to_end_serves_until_ctrl_c():
             assert response.status == 200 and b"tokenloss explain" in response.read()
         with urllib.request.urlopen(url + "api/info", timeout=30) as response:
             assert json.loads(response.read())["max_text_chars"] > 0
+        score = urllib.request.Request(
+            url + "api/score", data=b'{"text": "Hi there"}', headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(score, timeout=60) as response:  # loads the built-in model on first use
+            scored = json.loads(response.read())
+        assert scored["model"] == "builtin byte GPT" and scored["n_scored"] == len("Hi there") - 1
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=30)
     finally:
