@@ -257,3 +257,25 @@ def test_bfloat16_gradients_at_262144_words_no_worse_than_pytorch():
         ours_err = ((ours - want).norm() / want.norm()).item()
         theirs_err = ((theirs - want).norm() / want.norm()).item()
         assert ours_err <= theirs_err * 1.05, f"grad_{name}: fused {ours_err:.2e} vs PyTorch bf16 {theirs_err:.2e}"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "accumulator"),
+    [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float32)],
+    ids=str,
+)
+def test_low_precision_gradients_accumulate_in_float32(monkeypatch, dtype, accumulator):
+    """bf16/fp16: grad_weight and grad_bias accumulate across chunks in float32; grads come back in the input dtype."""
+    sinks = []
+    original = lce._GradientSink.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        sinks.append(self)
+
+    monkeypatch.setattr(lce._GradientSink, "__init__", spy)
+    opts = LossOptions()
+    leaves = [torch.randn(*shape).to(dtype).requires_grad_() for shape in ((6, 3), (11, 3), (11,))]
+    lce.linear_cross_entropy_loss(*leaves, _prepared(torch.arange(6), opts), opts, chunk_size=2).backward()
+    assert sinks[0].weight.dtype == accumulator and sinks[0].bias.dtype == accumulator
+    assert all(leaf.grad.dtype == dtype for leaf in leaves)
