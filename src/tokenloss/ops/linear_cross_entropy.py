@@ -162,7 +162,8 @@ def _gradient_inplace(
     """
     grad = scaled_probs
     grad.scatter_add_(1, targets.unsqueeze(1), -beta.unsqueeze(1))
-    grad.sub_(delta.unsqueeze(1))
+    if options.label_smoothing > 0:  # delta = focal * eps / V is exactly 0 otherwise: skip a pass over (n, V)
+        grad.sub_(delta.unsqueeze(1))
     if options.softcap is not None:
         if raw_logits.dtype == grad.dtype:
             derivative = raw_logits.div_(options.softcap).tanh_()
