@@ -182,7 +182,9 @@ def linear_cross_entropy(
     (within float32 rounding), but the logits exist only one chunk of rows at a time, so the extra
     memory is about ``chunk x V`` floats whatever N is (:mod:`tokenloss.ops.linear_cross_entropy`).
     Rows that do not count are dropped before the matrix products. With ``"mean"``/``"sum"`` the
-    gradients are computed during the forward pass (so one backward per forward).
+    gradients are computed during the forward pass (so one backward per forward; evaluate under
+    ``torch.no_grad()``, where only the logits product runs); ``"none"`` recomputes the logits in
+    the backward pass.
 
     Args:
         hidden: ``(..., D)`` float32, bfloat16, float16 or float64: the last hidden states.
