@@ -251,6 +251,10 @@ def test_presets_and_extreme_logits_stay_finite(page, preset, loss):
     assert shown == pytest.approx(expected_loss(page), abs=5e-4)
     if loss is not None:
         assert shown == pytest.approx(loss, abs=5e-4)
+    p_target = float(torch.softmax(torch.tensor(shown_logits(page), dtype=torch.float64), 0)[target_index(page)])
+    assert page.locator("#softmax-line").inner_text().endswith(f" = {p_target:.4f}")
+    if preset == "extreme":  # e^-50 / (e^50 + 4 e^0 + ...): the formula shows the big numbers themselves
+        assert "p[mat] = e^-50.0 / Σ e^z = 1.93e-22 / 5.18e21 = 0.0000" in page.locator("#softmax-line").inner_text()
     assert "NaN" not in page.locator("#logits").inner_text()
     assert "Infinity" not in page.locator("#code-snippet").inner_text()
 

@@ -57,6 +57,12 @@
     return x.toFixed(2);
   }
 
+  /** A positive number for a formula: 3 significant digits, powers of ten when large or small. */
+  function fmtExp(x) {
+    if (x >= 1e5 || x < 1e-3) return x.toExponential(2).replace("e+", "e");
+    return x.toPrecision(3);
+  }
+
   function fmtPct(p) {
     if (p >= 0.9995 && p < 1) return ">99.9%";
     if (p > 0 && p < 0.0005) return "<0.1%";
@@ -271,6 +277,10 @@
     else if (top === lab.target) story += "Its favourite is right. Raise “" + name + "” or lower the others to shrink the loss.";
     else story += "It prefers “" + wordName(top) + "”. Lower that bar, or raise “" + name + "”.";
     setText("logit-story", story);
+    var num = Math.exp(lab.logits[lab.target]);
+    var den = lab.logits.reduce(function (acc, z) { return acc + Math.exp(z); }, 0);  // |z| <= 50: no overflow
+    setText("softmax-line", "p[" + name + "] = e^" + fmt(lab.logits[lab.target], 1) + " / Σ e^z = " +
+      fmtExp(num) + " / " + fmtExp(den) + " = " + fmt(s.p[lab.target], 4));
 
     updateTrapSoftmax(s);
     updateCode(s);
@@ -541,6 +551,8 @@
   function showToken(i) {
     var t = sentence.tokens[i];
     var box = byId("token-detail");
+    document.querySelectorAll("#sentence-tokens .tok.shown").forEach(function (n) { n.classList.remove("shown"); });
+    byId("sentence-tokens").querySelector(".tok[data-index='" + i + "']").classList.add("shown");
     box.textContent = "";
     var head = el("div", { class: "detail-head" }, [el("span", { class: "detail-tok", text: "“" + visible(t.text) + "”" })]);
     box.appendChild(head);
