@@ -234,17 +234,26 @@ def test_model_is_loaded_lazily_and_once(monkeypatch, serve, tiny_model):
     assert calls == ["some/dir"]
 
 
-def test_failed_model_load_is_reported_not_retried(monkeypatch, serve):
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (FileNotFoundError("model directory 'nowhere' does not exist"), "model directory 'nowhere' does not exist"),
+        (ImportError("No module named 'transformers'"), "No module named 'transformers'"),
+    ],
+)
+def test_failed_model_load_is_reported_not_retried(monkeypatch, serve, capsys, error, message):
+    """A model that cannot be loaded gives a JSON 500 naming the cause, on every request, with one load attempt."""
     calls = []
 
-    def missing_model(path=None, **kwargs):
+    def broken_load_model(path=None, **kwargs):
         calls.append(path)
-        raise FileNotFoundError(f"model directory {path!r} does not exist")
+        raise error
 
-    monkeypatch.setattr(tokenloss.models, "load_model", missing_model)
+    monkeypatch.setattr(tokenloss.models, "load_model", broken_load_model)
     with serve(model_path="nowhere") as server:
         for _ in range(2):
             status, _, body = post_json(server, {"text": "abc"})
             assert status == 500
-            assert json.loads(body)["error"] == "could not score the text: model directory 'nowhere' does not exist"
+            assert json.loads(body)["error"] == f"could not score the text: {message}"
     assert calls == ["nowhere"]
+    assert f"could not score a text: {type(error).__name__}: {message}" in capsys.readouterr().err

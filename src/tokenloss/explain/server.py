@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -285,7 +286,8 @@ class ExplainHandler(BaseHTTPRequestHandler):
         except RequestError as error:
             self._send_json(error.status, {"error": error.message})
             return
-        except (FileNotFoundError, ValueError, TypeError) as error:  # the model or the text cannot be scored
+        except Exception as error:  # the model cannot be loaded or run: tell the page, and the terminal, why
+            print(f"tokenloss explain: could not score a text: {type(error).__name__}: {error}", file=sys.stderr)
             self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"could not score the text: {error}"})
             return
         self._send_json(HTTPStatus.OK, payload)

@@ -420,7 +420,7 @@
     if (curve.p === 1) story = "Certain and right: no surprise at all, loss 0.";
     else if (curve.p >= 0.9) story = "Almost sure and right: the curve is flat here, the loss is tiny.";
     else if (curve.p >= 0.3) story = "A fair bet: as unsure as a fair pick among " + fmtPpl(ppl) + " words.";
-    else if (curve.p >= 0.05) story = "Surprised: the model thought this word unlikely.";
+    else if (curve.p >= 0.05) story = "An outsider: the model gave this word about 1 chance in " + fmtPpl(ppl) + ".";
     else story = "Shocked: the model all but ruled this word out. The wall: halve p again and the loss grows by another " + fmt(Math.LN2, 3) + ".";
     setText("curve-story", story);
   }
