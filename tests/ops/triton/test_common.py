@@ -9,6 +9,8 @@ triton = pytest.importorskip("triton", reason="the Triton kernels need the trito
 
 import triton.language as tl  # noqa: E402
 
+import tokenloss  # noqa: E402
+from tokenloss.ops.triton import cross_entropy as triton_ce  # noqa: E402
 from tokenloss.ops.triton.common import check_device, kernels_interpreted, softcap_tanh  # noqa: E402
 
 
@@ -48,6 +50,19 @@ def test_compiled_kernels_refuse_cpu_tensors():
         pytest.skip("TRITON_INTERPRET=1 in this process: every kernel is interpreted")
     with pytest.raises(ValueError, match=r"CUDA tensors.*impl='torch'"):
         check_device(compiled_kernel, torch.zeros(2))
+
+
+def test_public_api_on_cpu_without_interpreter_says_use_torch():
+    """tokenloss.cross_entropy(impl='triton') on CPU tensors with compiled kernels is a clear ValueError;
+    impl='auto' picks torch there."""
+    if kernels_interpreted(triton_ce._row_statistics_kernel):
+        pytest.skip("TRITON_INTERPRET=1 in this process: the kernels take CPU tensors")
+    logits, targets = torch.zeros(2, 5), torch.tensor([1, 3])
+    with pytest.raises(ValueError, match=r"impl='triton' runs Triton kernels on CUDA tensors"):
+        tokenloss.cross_entropy(logits, targets, impl="triton")
+    with pytest.raises(ValueError, match=r"impl='triton' runs Triton kernels on CUDA tensors"):
+        tokenloss.linear_cross_entropy(torch.zeros(2, 3), torch.zeros(5, 3), targets, impl="triton")
+    torch.testing.assert_close(tokenloss.cross_entropy(logits, targets, impl="auto"), torch.tensor(5.0).log())
 
 
 def test_tensors_on_two_devices_are_refused():

@@ -8,9 +8,11 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 import tokenloss as tl  # noqa: E402
+from tokenloss.ops.triton import cross_entropy as triton_ce  # noqa: E402
 from tokenloss.reference import reference_cross_entropy  # noqa: E402
 
 pytestmark = pytest.mark.triton_kernels
+DEFAULT_MAX_BLOCK_V = triton_ce.MAX_BLOCK_V  # read at import, before conftest lowers it for each test
 
 N, V = 9, 203  # awkward: V is one full tile of 128 plus 75 columns (tiles are lowered in conftest)
 
@@ -169,3 +171,19 @@ def test_strided_and_empty_inputs(device, make_logits, make_targets):
     loss = tl.cross_entropy(empty, torch.zeros(0, dtype=torch.long, device=device), impl="triton", reduction="sum")
     loss.backward()
     assert loss.item() == 0.0 and empty.grad.shape == (0, cols)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_default_tiles_at_llama_vocabulary_on_gpu(dtype, device, monkeypatch, make_logits, make_targets):
+    """On a GPU, the default tiles at V = 128256 (16 tiles a row) give the torch path's numbers."""
+    if device != "cuda":
+        pytest.skip("GPU-sized shapes are too slow for the interpreter")
+    monkeypatch.setattr(triton_ce, "MAX_BLOCK_V", DEFAULT_MAX_BLOCK_V)
+    vocab_size = 128256
+    logits = make_logits(64, vocab_size, dtype=dtype).to(device)
+    targets = make_targets((64,), vocab_size).to(device)
+    for case in ("plain", "everything"):
+        loss_t, grad_t = _run("triton", logits, targets, CASES[case])
+        loss_r, grad_r = _run("torch", logits, targets, CASES[case])
+        torch.testing.assert_close(loss_t, loss_r, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad_t, grad_r, **GRAD_TOL[dtype])

@@ -8,11 +8,14 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 import tokenloss as tl  # noqa: E402
+from tokenloss.ops.triton import linear_cross_entropy as triton_lce  # noqa: E402
 from tokenloss.ops.triton.linear_cross_entropy import linear_cross_entropy_loss  # noqa: E402
 from tokenloss.options import LossOptions, prepare_targets  # noqa: E402
 from tokenloss.reference import reference_cross_entropy  # noqa: E402
 
 pytestmark = pytest.mark.triton_kernels
+# read at import, before conftest lowers them for each test
+DEFAULT_TILES = {name: getattr(triton_lce, name) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
 
 # Awkward on purpose (tiles lowered in conftest to 16 x 32 x 16): 2 row blocks (16 + 3 rows), 3 column
 # blocks (32 + 32 + 11) in 2 forward splits, 2 steps over D (16 + 5).
@@ -42,12 +45,13 @@ CASES = {
 }
 
 
-def _inputs(dtype, device, seed=0):
+def _inputs(dtype, device, seed=0, shape=(N, D, V)):
+    n, d, v = shape
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(N, D, generator=gen, dtype=torch.float64)
-    weight = torch.randn(V, D, generator=gen, dtype=torch.float64) * 0.7  # logits of std ~3
-    bias = torch.randn(V, generator=gen, dtype=torch.float64)
-    targets = torch.randint(0, V, (N,), generator=gen)
+    hidden = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, d, generator=gen, dtype=torch.float64) * (3 / d**0.5)  # logits of std ~3
+    bias = torch.randn(v, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, v, (n,), generator=gen)
     return [t.to(device=device, dtype=dtype) for t in (hidden, weight, bias)] + [targets.to(device)]
 
 
@@ -167,3 +171,16 @@ def test_bad_arguments_are_clear_errors(device):
         linear_cross_entropy_loss(hidden, weight, bias, prepared, options, strategy="later")
     with pytest.raises(TypeError, match="weight must have the dtype of hidden"):
         linear_cross_entropy_loss(hidden, weight.double(), None, prepared, options)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_default_tiles_on_gpu(dtype, device, monkeypatch):
+    """On a GPU, the default 128 x 128 x 64 tiles on an awkward (N, D, V) give the torch path's numbers."""
+    if device != "cuda":
+        pytest.skip("GPU-sized shapes are too slow for the interpreter")
+    for name, value in DEFAULT_TILES.items():
+        monkeypatch.setattr(triton_lce, name, value)
+    inputs = _inputs(dtype, device, shape=(301, 520, 50257))
+    got = _run("triton", *inputs, CASES["everything"])
+    truth_inputs = [t.float() if t.is_floating_point() else t for t in inputs]
+    _assert_close_to(got, _run("torch", *truth_inputs, CASES["everything"]), dtype)

@@ -8,6 +8,8 @@ below is right whatever the environment says later.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -91,3 +93,8 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def on_device_of(tensor: Tensor):
+    """Context in which a kernel launch goes to ``tensor``'s GPU (Triton launches on the current one)."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()

@@ -43,7 +43,7 @@ from tokenloss.ops.rowwise import (
     loss_and_coefficients,
     scale_coefficients,
 )
-from tokenloss.ops.triton.common import check_device, softcap_tanh, triton_dtype
+from tokenloss.ops.triton.common import check_device, on_device_of, softcap_tanh, triton_dtype
 from tokenloss.options import LossOptions
 
 # Largest tile of a row that one loop iteration holds (elements); tests lower it to exercise the
@@ -163,21 +163,22 @@ def row_statistics(logits: Tensor, targets: Tensor, options: LossOptions) -> Row
     target_logit = torch.empty_like(lse)
     logit_sum = torch.empty_like(lse) if options.label_smoothing > 0 else None
     if n_rows > 0:
-        _row_statistics_kernel[(n_rows,)](
-            logits,
-            targets,
-            lse,
-            target_logit,
-            lse if logit_sum is None else logit_sum,
-            n_cols,
-            logits.stride(0),
-            1.0 if options.softcap is None else float(options.softcap),
-            HAS_SOFTCAP=options.softcap is not None,
-            LABEL_SMOOTHING=logit_sum is not None,
-            ACC=triton_dtype(acc),
-            BLOCK_V=_block_v(n_cols),
-            num_warps=NUM_WARPS,
-        )
+        with on_device_of(logits):
+            _row_statistics_kernel[(n_rows,)](
+                logits,
+                targets,
+                lse,
+                target_logit,
+                lse if logit_sum is None else logit_sum,
+                n_cols,
+                logits.stride(0),
+                1.0 if options.softcap is None else float(options.softcap),
+                HAS_SOFTCAP=options.softcap is not None,
+                LABEL_SMOOTHING=logit_sum is not None,
+                ACC=triton_dtype(acc),
+                BLOCK_V=_block_v(n_cols),
+                num_warps=NUM_WARPS,
+            )
     return RowStatistics(lse, target_logit, logit_sum)
 
 
@@ -198,23 +199,24 @@ def write_gradient(
     """
     n_rows, n_cols = logits.shape
     if n_rows > 0:
-        _row_gradient_kernel[(n_rows,)](
-            logits,
-            grad,
-            targets,
-            lse,
-            alpha,
-            beta,
-            delta,
-            n_cols,
-            logits.stride(0),
-            grad.stride(0),
-            1.0 if options.softcap is None else float(options.softcap),
-            HAS_SOFTCAP=options.softcap is not None,
-            ACC=triton_dtype(lse.dtype),
-            BLOCK_V=_block_v(n_cols),
-            num_warps=NUM_WARPS,
-        )
+        with on_device_of(logits):
+            _row_gradient_kernel[(n_rows,)](
+                logits,
+                grad,
+                targets,
+                lse,
+                alpha,
+                beta,
+                delta,
+                n_cols,
+                logits.stride(0),
+                grad.stride(0),
+                1.0 if options.softcap is None else float(options.softcap),
+                HAS_SOFTCAP=options.softcap is not None,
+                ACC=triton_dtype(lse.dtype),
+                BLOCK_V=_block_v(n_cols),
+                num_warps=NUM_WARPS,
+            )
     return grad
 
 

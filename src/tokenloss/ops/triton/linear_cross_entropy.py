@@ -53,7 +53,14 @@ from tokenloss.ops.rowwise import (
     loss_and_coefficients,
     scale_coefficients,
 )
-from tokenloss.ops.triton.common import bf16_dot_in_fp32, check_device, dot_precision, softcap_tanh, triton_dtype
+from tokenloss.ops.triton.common import (
+    bf16_dot_in_fp32,
+    check_device,
+    dot_precision,
+    on_device_of,
+    softcap_tanh,
+    triton_dtype,
+)
 from tokenloss.options import LossOptions, PreparedTargets
 
 # Tile sizes (tests lower them to exercise the loops on small shapes). Not autotuned: the backward
@@ -347,24 +354,25 @@ def fused_statistics(
     sum_part = torch.empty_like(lse_part) if smoothing else lse_part
     if n_rows > 0:
         grid = (triton.cdiv(n_rows, BLOCK_M), n_splits)
-        _lse_forward_kernel[grid](
-            hidden,
-            weight,
-            hidden if bias is None else bias,
-            targets,
-            lse_part,
-            target_part,
-            sum_part,
-            n_rows,
-            n_cols,
-            dim,
-            hidden.stride(0),
-            weight.stride(0),
-            cols_per_split,
-            1.0 if options.softcap is None else float(options.softcap),
-            LABEL_SMOOTHING=smoothing,
-            **_common_constexprs(hidden, bias, options),
-        )
+        with on_device_of(hidden):
+            _lse_forward_kernel[grid](
+                hidden,
+                weight,
+                hidden if bias is None else bias,
+                targets,
+                lse_part,
+                target_part,
+                sum_part,
+                n_rows,
+                n_cols,
+                dim,
+                hidden.stride(0),
+                weight.stride(0),
+                cols_per_split,
+                1.0 if options.softcap is None else float(options.softcap),
+                LABEL_SMOOTHING=smoothing,
+                **_common_constexprs(hidden, bias, options),
+            )
     return RowStatistics(
         torch.logsumexp(lse_part, dim=0), target_part.sum(dim=0), sum_part.sum(dim=0) if smoothing else None
     )
@@ -395,30 +403,31 @@ def fused_gradients(
     if n_rows > 0 and any(g is not None for g in (grad_h, grad_w, grad_b)):
         dummy = lse
         grid = (triton.cdiv(n_rows, BLOCK_M) * triton.cdiv(n_cols, BLOCK_N),)
-        _backward_kernel[grid](
-            hidden,
-            weight,
-            hidden if bias is None else bias,
-            targets,
-            lse,
-            alpha,
-            beta,
-            delta,
-            dummy if grad_h is None else grad_h,
-            dummy if grad_w is None else grad_w,
-            dummy if grad_b is None else grad_b,
-            n_rows,
-            n_cols,
-            dim,
-            hidden.stride(0),
-            weight.stride(0),
-            1.0 if options.softcap is None else float(options.softcap),
-            GRAD_H=grad_h is not None,
-            GRAD_W=grad_w is not None,
-            GRAD_B=grad_b is not None,
-            GROUP=GROUP_M,
-            **_common_constexprs(hidden, bias, options),
-        )
+        with on_device_of(hidden):
+            _backward_kernel[grid](
+                hidden,
+                weight,
+                hidden if bias is None else bias,
+                targets,
+                lse,
+                alpha,
+                beta,
+                delta,
+                dummy if grad_h is None else grad_h,
+                dummy if grad_w is None else grad_w,
+                dummy if grad_b is None else grad_b,
+                n_rows,
+                n_cols,
+                dim,
+                hidden.stride(0),
+                weight.stride(0),
+                1.0 if options.softcap is None else float(options.softcap),
+                GRAD_H=grad_h is not None,
+                GRAD_W=grad_w is not None,
+                GRAD_B=grad_b is not None,
+                GROUP=GROUP_M,
+                **_common_constexprs(hidden, bias, options),
+            )
     return grad_h, grad_w, grad_b
 
 
@@ -445,13 +454,14 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         acc = stats.lse.dtype
         weights = weights.to(acc)
         loss, alpha, beta, delta = loss_and_coefficients(stats, weights, weight.shape[0], options)
-        ctx.options, ctx.early = options, None
+        ctx.options, ctx.early, ctx.in_forward = options, None, False
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         reduced = options.reduction != "none"
         if reduced and strategy == "in_forward" and any(needs):
             row_scale = weights / denominator.to(acc) if options.reduction == "mean" else weights
             scaled = scale_coefficients(alpha, beta, delta, row_scale)
             ctx.early = fused_gradients(hidden, weight, bias, targets, stats.lse, *scaled, options, needs)
+            ctx.in_forward = True
         else:
             ctx.save_for_backward(hidden, weight, bias, targets, weights, denominator, stats.lse, alpha, beta, delta)
         if not reduced:
@@ -461,7 +471,12 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        if ctx.early is not None:
+        if ctx.in_forward:
+            if ctx.early is None:
+                raise RuntimeError(
+                    "strategy='in_forward' hands out the gradients computed in the forward pass once: a second "
+                    "backward through the same graph is not supported; use the default strategy='recompute'"
+                )
             grads, ctx.early = ctx.early, None
             scale = grad_output.reshape(())
             grads = tuple(None if g is None else g.mul_(scale.to(g.dtype)) for g in grads)
