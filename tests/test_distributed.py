@@ -244,6 +244,26 @@ def logits_errors_raise_on_every_rank(rank: int, world: int) -> None:
         vocab_parallel_cross_entropy(poisoned, targets)
 
 
+@case
+def logits_non_finite_ignored_row(rank: int, world: int) -> None:
+    """NaN and inf logits in rows that do not count leave the loss finite and their gradients exactly 0,
+    as on one device."""
+    logits, targets, _, _ = make_logits_case(9)
+    targets[0, 1] = targets[2, 3] = -100
+    logits[0, 1, 4] = float("nan")
+    logits[2, 3, :] = float("inf")
+    cols = column_range(split_sizes(11, world, "skewed"), rank)
+    whole, shard = logits.clone().requires_grad_(), logits[..., cols].clone().requires_grad_()
+    expected = tl.cross_entropy(whole, targets, label_smoothing=0.1)
+    expected.backward()
+    got = vocab_parallel_cross_entropy(shard, targets, label_smoothing=0.1)
+    got.backward()
+    assert torch.isfinite(got)
+    assert_close(got, expected, **TOLERANCES[torch.float32])
+    assert_close(shard.grad, whole.grad[..., cols], **TOLERANCES[torch.float32])
+    assert torch.count_nonzero(shard.grad[0, 1]) == 0 and torch.count_nonzero(shard.grad[2, 3]) == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Cases: vocab_parallel_linear_cross_entropy
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +375,28 @@ def linear_frozen_hidden_needs_no_backward_collective(rank: int, world: int) -> 
         vocab_parallel_linear_cross_entropy(hidden, shard, targets, vocab_sizes=sizes).backward()
     assert [name for name, _ in calls] == ["all_reduce", "all_reduce"], calls
     assert_close(shard.grad, whole.grad[cols], **TOLERANCES[torch.float32])
+
+
+@case
+def linear_non_finite_ignored_row(rank: int, world: int) -> None:
+    """An inf hidden state in a row that does not count: the gradients equal those of the batch without that row."""
+    sizes = split_sizes(9, world, "even")
+    cols = column_range(sizes, rank)
+    gen = torch.Generator().manual_seed(13)
+    hidden, weight = torch.randn(5, 6, generator=gen), torch.randn(9, 6, generator=gen)
+    targets = torch.tensor([0, -100, 8, 4, 2])
+    hidden[1] = float("inf")
+    keep = targets != -100
+    ref_hidden, ref_weight = hidden[keep].clone().requires_grad_(), weight.clone().requires_grad_()
+    expected = tl.cross_entropy(ref_hidden @ ref_weight.t(), targets[keep])
+    expected.backward()
+    leaf_hidden, shard = hidden.clone().requires_grad_(), weight[cols].clone().requires_grad_()
+    got = vocab_parallel_linear_cross_entropy(leaf_hidden, shard, targets)
+    got.backward()
+    assert_close(got, expected, **TOLERANCES[torch.float32])
+    assert_close(shard.grad, ref_weight.grad[cols], **TOLERANCES[torch.float32])
+    assert_close(leaf_hidden.grad[keep], ref_hidden.grad, **TOLERANCES[torch.float32])
+    assert torch.count_nonzero(leaf_hidden.grad[1]) == 0
 
 
 # ---------------------------------------------------------------------------------------------

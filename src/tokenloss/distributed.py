@@ -225,22 +225,24 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
             rows = slice(start, start + chunk_rows)
             _store(local, rows, chunk_statistics(logits[rows], local_targets[rows], options))
         stats = combine_statistics(local, in_shard, group)
-        if options.check_inputs:
-            check_finite_rows(stats.lse, counted, "logits")
+        # True when a row that does not count is non-finite: its gradient must be zeroed explicitly.
+        zero_skipped_rows = check_finite_rows(stats.lse, counted, "logits") if options.check_inputs else False
         weights = weights.to(acc)
         loss, alpha, beta, delta = loss_and_coefficients(stats, weights, vocab_size, options)
         ctx.save_for_backward(logits, local_targets, in_shard, weights, stats.lse, alpha, beta, delta)
-        ctx.options, ctx.chunk_rows = options, chunk_rows
+        ctx.options, ctx.chunk_rows, ctx.zero_skipped_rows = options, chunk_rows, zero_skipped_rows
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         logits, local_targets, in_shard, weights, lse, alpha, beta, delta = ctx.saved_tensors
-        alpha, beta, delta = scale_coefficients(alpha, beta, delta, grad_loss.to(weights.dtype) * weights)
+        row_scale = grad_loss.to(weights.dtype) * weights
+        alpha, beta, delta = scale_coefficients(alpha, beta, delta, row_scale)
+        skipped = (row_scale == 0).unsqueeze(1) if ctx.zero_skipped_rows else None  # (N, 1) bool
         grad = torch.empty_like(logits)  # (N, V_local)
         for start in range(0, logits.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            grad[rows] = chunk_gradient(
+            chunk_gradient(
                 logits[rows],
                 local_targets[rows],
                 lse[rows],
@@ -249,7 +251,10 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                 delta[rows],
                 ctx.options,
                 target_in_chunk=in_shard[rows],
+                out=grad[rows],  # written in place: no (n, V_local) temporary
             )
+            if skipped is not None:
+                grad[rows].masked_fill_(skipped[rows], 0)
         return grad, None, None, None, None, None, None, None, None
 
 
@@ -401,19 +406,23 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             logits = _logits_chunk(hidden[rows], weight, bias)  # (n, V_local), freed after the chunk
             _store(local, rows, chunk_statistics(logits, local_targets[rows], options))
         stats = combine_statistics(local, in_shard, group)
-        if options.check_inputs:
-            check_finite_rows(stats.lse, counted, "logits (hidden @ weight.T)")
+        zero_skipped_rows = (
+            check_finite_rows(stats.lse, counted, "logits (hidden @ weight.T)") if options.check_inputs else False
+        )
         weights = weights.to(acc)
         loss, alpha, beta, delta = loss_and_coefficients(stats, weights, vocab_size, options)
         ctx.save_for_backward(hidden, weight, bias, local_targets, in_shard, weights, stats.lse, alpha, beta, delta)
         ctx.options, ctx.chunk_rows, ctx.group = options, chunk_rows, group
+        ctx.zero_skipped_rows = zero_skipped_rows
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         hidden, weight, bias, local_targets, in_shard, weights, lse, alpha, beta, delta = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        alpha, beta, delta = scale_coefficients(alpha, beta, delta, grad_loss.to(weights.dtype) * weights)
+        row_scale = grad_loss.to(weights.dtype) * weights
+        alpha, beta, delta = scale_coefficients(alpha, beta, delta, row_scale)
+        skipped = (row_scale == 0).unsqueeze(1) if ctx.zero_skipped_rows else None  # (N, 1) bool
         acc = lse.dtype
         grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (N, D)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
@@ -430,12 +439,18 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
                 delta[rows],
                 ctx.options,
                 target_in_chunk=in_shard[rows],
+                out=logits if logits.dtype == acc else None,  # in place when possible
             )  # (n, V_local) in acc
             del logits
+            if skipped is not None:  # 0 * exp(NaN) would leak NaN into every gradient
+                grad_logits.masked_fill_(skipped[rows], 0)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(dim=0)
             if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), hidden[rows].to(acc))
+                chunk_hidden = hidden[rows].to(acc)
+                if skipped is not None:  # 0 * inf in the product would be NaN too
+                    chunk_hidden = chunk_hidden.masked_fill(skipped[rows], 0)
+                grad_weight.addmm_(grad_logits.t(), chunk_hidden)
             if grad_hidden is not None:
                 # partial: the contribution of this slice's columns only
                 grad_hidden[rows] = grad_logits.to(hidden.dtype) @ weight

@@ -1,0 +1,140 @@
+"""Benchmark: peak memory of one training step of a small Hugging Face causal LM at V = 128k, before/after patch.
+
+Each row builds a small random model from a config (2 layers, hidden size 256, a 128256-word
+vocabulary: the vocabulary is the only big thing, as in a real LM's head at a short context) in a
+fresh process, with ``tokenloss.integrations.transformers.patch`` applied or not, and runs an AdamW
+training step (forward with ``labels=input_ids``, backward, ``optimizer.step()``) on
+``batch x seq`` random tokens, in float32 on the CPU. After one warm-up step (so that the
+optimizer's state exists), the process's peak resident set (``VmHWM``) is reset through
+``/proc/self/clear_refs`` (Linux >= 4.0) and one more step runs; the table gives the growth of the
+peak over the resident set before the step, i.e. the activations, logits and gradients the step
+needs, and the step's wall time (on a shared CPU: indicative only). The two rows of a family start
+from the same weights and batch, so their losses agree to float32 rounding.
+
+Run (the unpatched rows need several GiB, so take the machine's heavy-job lock)::
+
+    flock /tmp/tokenloss-heavy.lock .venv/bin/python benchmarks/bench_transformers_memory.py
+    .venv/bin/python benchmarks/bench_transformers_memory.py --quick      # V = 32000, batch 2 x 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+
+MIB = 1 << 20
+FAMILIES = ("gpt2", "llama", "qwen2", "gemma2")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> int:
+    """Resets VmHWM to the current RSS and returns the current RSS in bytes."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def build_model(family: str, vocab: int, seq: int):
+    """A 2-layer random causal LM of ``family``, hidden size 256, vocabulary ``vocab``, no dropout."""
+    import transformers
+
+    if family == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=vocab, n_embd=256, n_layer=2, n_head=4, n_positions=seq, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, bos_token_id=1, eos_token_id=2,
+        )  # fmt: skip
+        return transformers.GPT2LMHeadModel(config)
+    common = dict(
+        vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=seq, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    if family == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    if family == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    if family == "gemma2":  # final_logit_softcapping = 30.0, the config's default
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, head_dim=64))
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+def worker(family: str, patched: bool, vocab: int, batch: int, seq: int) -> dict:
+    """One row, in this (fresh) process: the step's peak RSS growth, time and loss."""
+    import torch
+
+    from tokenloss.integrations.transformers import patch
+
+    torch.manual_seed(0)
+    model = build_model(family, vocab, seq).train()
+    if patched:
+        patch(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    input_ids = torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+    def step() -> float:
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    step()  # warm-up: creates the optimizer state
+    base = _reset_peak()
+    start = time.perf_counter()
+    loss = step()
+    seconds = time.perf_counter() - start
+    return dict(peak=_status_kib("VmHWM") * 1024 - base, seconds=seconds, loss=loss)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, from {FAMILIES}")
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--quick", action="store_true", help="V = 32000, batch 2 x 256")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # JSON arguments of one row, run in a fresh process
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(**json.loads(args.worker))))
+        return
+    if args.quick:
+        args.vocab, args.batch, args.seq = 32000, 2, 256
+
+    logits_mib = args.batch * args.seq * args.vocab * 4 / MIB
+    print(
+        f"V = {args.vocab}, batch {args.batch} x seq {args.seq}, hidden 256, 2 layers, float32, AdamW, CPU; "
+        f"the (B, T, V) float32 logits alone are {logits_mib:.0f} MiB\n"
+    )
+    print("| model | loss computed by | step peak (MiB) | step time (s) | loss |")
+    print("|---|---|---:|---:|---:|")
+    for family in args.families.split(","):
+        rows = {}
+        for patched in (False, True):
+            row_args = dict(family=family, patched=patched, vocab=args.vocab, batch=args.batch, seq=args.seq)
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", json.dumps(row_args)], capture_output=True, text=True, check=True
+            )
+            rows[patched] = row = json.loads(out.stdout.strip().splitlines()[-1])
+            how = "tokenloss patch" if patched else "transformers (unpatched)"
+            print(
+                f"| {family} | {how} | {row['peak'] / MIB:.0f} | {row['seconds']:.2f} | {row['loss']:.5f} |", flush=True
+            )
+        ratio = rows[False]["peak"] / max(rows[True]["peak"], 1)
+        print(f"| {family} | ratio unpatched / patched | {ratio:.1f}x | "
+              f"{rows[False]['seconds'] / rows[True]['seconds']:.2f}x | |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
