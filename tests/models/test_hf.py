@@ -1,0 +1,198 @@
+"""Tests of tokenloss.models.hf: tiny random GPT-2 and Llama models built offline, scored and evaluated by the CLI."""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import this
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tokenloss.cli import main
+from tokenloss.models import load_model
+from tokenloss.scoring import evaluate, score_text
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+ZEN = codecs.decode(this.s, "rot13")
+SAMPLE = "Beautiful is better than ugly. Naïve code — 🙂 is fine, too."
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared, busy CPU: one intra-op thread avoids OpenMP spin-waits (seconds become ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build_tokenizer(arch: str):
+    """A small BPE trained on the Zen of Python: byte-level like GPT-2, or Metaspace with <s> like Llama."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if arch == "gpt2":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+        trainer = tokenizers.trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+        special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+    else:
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+        special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    tokenizer.train_from_iterator([ZEN, SAMPLE], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
+
+
+def build_model(arch: str, vocab_size: int, bos: int, context: int = 64):
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=vocab_size, n_positions=context, n_embd=32, n_layer=2, n_head=2, bos_token_id=bos
+        )
+        return transformers.GPT2LMHeadModel(config)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        bos_token_id=bos,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model_dir(request, tmp_path_factory):
+    """A saved tiny random causal LM with its tokenizer: what `save_pretrained` writes, no download."""
+    directory = tmp_path_factory.mktemp(request.param)
+    tokenizer = build_tokenizer(request.param)
+    model = build_model(request.param, len(tokenizer), tokenizer.bos_token_id)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "zen.txt"
+    path.write_text(ZEN, encoding="utf-8")
+    return path
+
+
+def full_pass_log_probs(hf_model, ids, bos_id):
+    """log p of each token after BOS, from one transformers forward pass, float64 log-softmax."""
+    with torch.no_grad():
+        logits = hf_model(input_ids=torch.tensor([[bos_id] + ids])).logits.double()[0]  # (T, V)
+    log_p = torch.log_softmax(logits, -1)
+    return torch.stack([log_p[i, token] for i, token in enumerate(ids)])
+
+
+def test_adapter_reads_model_and_tokenizer(model_dir):
+    """vocab size, context, BOS, token ids and character offsets come from the saved model and tokenizer."""
+    lm = load_model(model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    assert lm.vocab_size == len(tokenizer) and lm.max_length == 64
+    assert lm.bos_token_id == tokenizer.bos_token_id is not None
+    ids, offsets = lm.encode_with_offsets(SAMPLE)
+    assert ids == lm.encode(SAMPLE) == tokenizer(SAMPLE, add_special_tokens=False)["input_ids"]
+    assert offsets == lm.token_offsets(SAMPLE) and len(offsets) == len(ids)
+    assert all(0 <= a <= b <= len(SAMPLE) for a, b in offsets)
+    assert tokenizer.decode(ids).replace(" ", "") == SAMPLE.replace(" ", "")
+    assert str(lm.dtype) == "torch.float32" and "V=" in lm.describe()
+    out = lm.logits(torch.tensor([ids[:5]]))
+    assert out.shape == (1, 5, lm.vocab_size) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("stride", [1, 7, 63])
+def test_scores_equal_transformers_full_pass(model_dir, stride):
+    """With BOS (the default here) every token is scored, and a fitting text matches one transformers pass."""
+    lm = load_model(model_dir)
+    scores = score_text(lm, SAMPLE, stride=stride)
+    assert scores.bos and scores.num_scored == len(scores) < lm.max_length
+    reference = full_pass_log_probs(lm.model, scores.token_ids, lm.bos_token_id)
+    assert_close(scores.log_prob.double(), reference, rtol=1e-5, atol=1e-5)
+    assert scores.first_token()["scored"] is True
+
+
+def test_long_text_in_windows(model_dir):
+    """A text several contexts long: every token scored once, the first window equal to a direct pass."""
+    lm = load_model(model_dir)
+    scores = score_text(lm, ZEN, max_length=32, stride=16, batch_size=4)
+    assert len(scores) > 3 * 32 and scores.num_scored == len(scores)
+    reference = full_pass_log_probs(lm.model, scores.token_ids[:31], lm.bos_token_id)
+    assert_close(scores.log_prob[:31].double(), reference, rtol=1e-5, atol=1e-5)
+    assert scores.context.max() == 30 and scores.context[31:].min() == 15
+
+
+@pytest.mark.parametrize("dtype, atol", [("bfloat16", 1e-2), ("float16", 1e-3)])
+def test_low_precision_models_track_float32(model_dir, dtype, atol):
+    """bfloat16 and float16 weights give log-probs close to float32 (logits come back as float32)."""
+    reference = score_text(load_model(model_dir), SAMPLE)
+    lm = load_model(model_dir, dtype=dtype)
+    assert str(lm.dtype) == f"torch.{dtype}"
+    scores = score_text(lm, SAMPLE)
+    assert scores.log_prob.dtype == torch.float32
+    assert_close(scores.log_prob, reference.log_prob, atol=atol, rtol=0)
+
+
+def test_no_bos_leaves_the_first_token_unscored(model_dir):
+    """bos=False: the first token has no context and is not scored; the rest equal a no-BOS full pass."""
+    lm = load_model(model_dir)
+    scores = score_text(lm, SAMPLE, bos=False)
+    assert not scores.scored[0] and scores.num_scored == len(scores) - 1
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([scores.token_ids])).logits.double()[0]
+    log_p = torch.log_softmax(logits, -1)
+    reference = torch.stack([log_p[i - 1, t] for i, t in enumerate(scores.token_ids) if i > 0])
+    assert_close(scores.log_prob[1:].double(), reference, rtol=1e-5, atol=1e-5)
+
+
+def run_cli(capsys, *args):
+    code = main(["eval", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_evaluates_the_saved_model(model_dir, text_file, capsys):
+    """`tokenloss eval --model DIR --json` prints the numbers evaluate() computes; BOS used and reported."""
+    code, out, err = run_cli(capsys, "--model", str(model_dir), "--text", str(text_file), "--json", "-q", "-S", "32")
+    assert code == 0, err
+    result = json.loads(out)
+    expected = evaluate(load_model(model_dir), ZEN, stride=32).result
+    for key in ("tokens", "bytes", "words", "windows"):
+        assert result[key] == expected[key], key
+    for key in ("loss_nats", "perplexity", "bits_per_token", "bits_per_byte", "accuracy", "ece", "log_vocab"):
+        assert result[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert result["bos"] is True and result["first_token"]["scored"] is True
+    assert result["tokens"] == result["text_tokens"]  # with BOS every token counts
+    assert result["bytes"] == len(ZEN.encode()) and result["log_vocab"] == pytest.approx(math.log(result["vocab_size"]))
+
+
+def test_cli_table_and_no_bos(model_dir, text_file, capsys):
+    """The table says whether BOS was used; --no-bos leaves the first token out."""
+    code, out, _ = run_cli(capsys, "--model", str(model_dir), "--text", str(text_file), "-q", "-L", "48")
+    assert code == 0 and "BOS      yes" in out and "bits per byte" in out and "word perplexity" in out
+    code, out, _ = run_cli(capsys, "--model", str(model_dir), "--text", str(text_file), "-q", "--no-bos", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["bos"] is False and result["tokens"] == result["text_tokens"] - 1
+
+
+def test_cli_unloadable_directory(tmp_path, text_file, capsys):
+    """A directory with a config that transformers cannot use: one clear line, exit 2, no traceback."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    code, out, err = run_cli(capsys, "--model", str(tmp_path), "--text", str(text_file))
+    assert code == 2 and out == ""
+    assert err.startswith("Error: cannot load") and err.count("\n") == 1 and "Traceback" not in err
