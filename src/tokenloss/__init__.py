@@ -9,6 +9,7 @@ The formulas, written plainly, are in :mod:`tokenloss.reference`; the per-row ma
 paths in :mod:`tokenloss.ops.rowwise`.
 """
 
+from tokenloss import metrics  # noqa: F401  (tl.metrics: perplexity, bits per byte, ECE; torch only)
 from tokenloss.functional import cross_entropy, linear_cross_entropy
 from tokenloss.modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
