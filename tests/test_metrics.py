@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import doctest
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -261,3 +263,14 @@ def test_summarize_matches_float64():
     ece = direct_ece(confidence.tolist(), (rank == 1).tolist(), 15)
     assert result["ece"] == pytest.approx(ece, abs=1e-6)
     assert result["log_vocab"] == pytest.approx(math.log(17))
+
+
+def test_import_stays_light():
+    """`import tokenloss` gives tl.metrics; none of the eval modules imports matplotlib or transformers."""
+    code = (
+        "import sys, tokenloss as tl; assert tl.metrics.perplexity(0.0) == 1.0; "
+        "import tokenloss.meter, tokenloss.scoring, tokenloss.models, tokenloss.reports; "
+        "heavy = {'matplotlib', 'transformers'} & set(sys.modules); assert not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()

@@ -13,6 +13,7 @@ from torch.testing import assert_close
 
 from tokenloss.cli import main
 from tokenloss.models import load_model
+from tokenloss.models.hf import _offsets_from_pieces
 from tokenloss.scoring import evaluate, score_text
 
 transformers = pytest.importorskip("transformers")
@@ -112,6 +113,7 @@ def test_adapter_reads_model_and_tokenizer(model_dir):
     assert all(0 <= a <= b <= len(SAMPLE) for a, b in offsets)
     assert tokenizer.decode(ids).replace(" ", "") == SAMPLE.replace(" ", "")
     assert str(lm.dtype) == "torch.float32" and "V=" in lm.describe()
+    assert all("\ufffd" not in lm.decode_token(i) for i in ids)  # split characters show the raw token
     out = lm.logits(torch.tensor([ids[:5]]))
     assert out.shape == (1, 5, lm.vocab_size) and out.dtype == torch.float32
 
@@ -158,6 +160,13 @@ def test_no_bos_leaves_the_first_token_unscored(model_dir):
     log_p = torch.log_softmax(logits, -1)
     reference = torch.stack([log_p[i - 1, t] for i, t in enumerate(scores.token_ids) if i > 0])
     assert_close(scores.log_prob[1:].double(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_offsets_of_a_slow_tokenizer_are_found_in_order():
+    """Without a fast tokenizer, spans come from finding each decoded token in the text, left to right."""
+    text = "ab ab  c"
+    assert _offsets_from_pieces(text, ["ab", " ab", "  ", " c"]) == [(0, 2), (3, 5), (5, 5), (7, 8)]
+    assert _offsets_from_pieces(text, ["zz", "c"]) == [(0, 0), (7, 8)]
 
 
 def run_cli(capsys, *args):
