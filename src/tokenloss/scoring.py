@@ -27,7 +27,7 @@ all-reduced, and rank 0 can gather the per-token scores: the result equals the o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -122,6 +122,8 @@ class TextScores:
         vocab_size: V.
         model_name: the model's name.
         shard: ``(rank, world_size)`` of the windows scored here.
+        bytes_per_token: 1 for a byte-level tokenizer (then the first token is exactly one byte),
+            else None.
     """
 
     text: str
@@ -144,7 +146,7 @@ class TextScores:
     vocab_size: int
     model_name: str
     shard: tuple[int, int] = (0, 1)
-    extra: dict = field(default_factory=dict)
+    bytes_per_token: int | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -174,9 +176,8 @@ class TextScores:
         return count_words(self.text[self.offsets[1][0] :])
 
     def _first_token_bytes(self) -> int:
-        per_token = self.extra.get("bytes_per_token")
-        if per_token:
-            return per_token
+        if self.bytes_per_token:
+            return self.bytes_per_token
         second_start = self.offsets[1][0] if len(self.offsets) > 1 else len(self.text)
         return count_bytes(self.text[:second_start])
 
@@ -299,7 +300,7 @@ class TextScores:
             vocab_size=base.vocab_size,
             model_name=base.model_name,
             shard=(0, 1),
-            extra=dict(base.extra),
+            bytes_per_token=base.bytes_per_token,
         )
         for part in parts:
             index = part.scored
@@ -416,7 +417,7 @@ def score_text(
         vocab_size=model.vocab_size,
         model_name=model.name,
         shard=(rank, world_size),
-        extra={"bytes_per_token": model.bytes_per_token},
+        bytes_per_token=model.bytes_per_token,
     )
     _score_windows(model, ids, windows, scores, batch_size=batch_size, progress=progress)
     return scores
