@@ -568,7 +568,9 @@ def evaluate(
     }
     if world_size > 1:
         meter.all_reduce(group)
-        counts = torch.tensor([scores.num_windows], dtype=torch.int64)
+        on_nccl = dist.get_backend(group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if on_nccl else torch.device("cpu")
+        counts = torch.tensor([scores.num_windows], dtype=torch.int64, device=device)
         dist.all_reduce(counts, group=group)
         settings["windows"] = int(counts[0])
         src = dist.get_global_rank(group, 0) if group is not None else 0
