@@ -154,3 +154,9 @@ def test_default_corpus_is_deterministic_prose():
     assert fingerprint["bytes"] > 300_000
     assert "Return" in text and "\n\n" in text
     assert corpus_fingerprint(text.encode("utf-8")) == fingerprint
+
+
+def test_divergence_is_a_clear_error():
+    """A learning rate that blows the loss up stops the run with a ValueError naming the step."""
+    with pytest.raises(ValueError, match=r"training diverged: the loss is (nan|inf) at step \d+"):
+        train(_dataset(), TINY, _quick(steps=60, lr=1e6, warmup_steps=0, min_lr=1e6, grad_clip=0.0), progress=False)

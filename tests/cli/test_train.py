@@ -68,3 +68,20 @@ def test_train_errors_are_one_line(tmp_path, capsys, content, extra, message):
     assert main(["train", "--text", str(path), *TINY, "--no-progress", *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("Error: ") and message in err and "Traceback" not in err
+
+
+def test_command_defaults_are_the_library_defaults():
+    """The command's defaults are GPTConfig's and TrainConfig's, so the shipped model is 'the defaults'."""
+    import inspect
+
+    from tokenloss.cli.train import train_command
+    from tokenloss.models.bytegpt import GPTConfig
+    from tokenloss.training import TrainConfig
+
+    defaults = {name: p.default for name, p in inspect.signature(train_command).parameters.items()}
+    model, config = GPTConfig(), TrainConfig()
+    for name in ("block_size", "n_layer", "n_head", "n_embd"):
+        assert defaults[name] == getattr(model, name), name
+    for name in ("steps", "batch_size", "lr", "warmup_steps", "val_fraction", "eval_interval", "patience", "seed"):
+        assert defaults[name] == getattr(config, name), name
+    assert config.min_lr == pytest.approx(config.lr / 10)  # the command passes min_lr = lr / 10

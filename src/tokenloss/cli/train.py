@@ -43,7 +43,7 @@ def train_command(
     seed: Annotated[int, typer.Option("--seed", help="Seeds the weights and the batches.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per step.")] = 16,
     block_size: Annotated[int, typer.Option("--block-size", help="Context length in bytes.")] = 128,
-    n_layer: Annotated[int, typer.Option("--n-layer", help="Transformer blocks.")] = 4,
+    n_layer: Annotated[int, typer.Option("--n-layer", help="Transformer blocks.")] = 2,
     n_head: Annotated[int, typer.Option("--n-head", help="Attention heads.")] = 4,
     n_embd: Annotated[int, typer.Option("--n-embd", help="Hidden width.")] = 128,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warmup then cosine).")] = 3e-3,
@@ -149,7 +149,7 @@ def _summary_text(s: dict, out: Path | None) -> str:
         f"       last training loss {s['final_train_loss']:.3f} (perplexity {math.exp(s['final_train_loss']):.2f})",
         f"run:   {s['steps_run']} steps"
         + (" (early stop: validation stopped improving)" if s["stopped_early"] else "")
-        + f", {s['tokens']:,} bytes seen, {s['elapsed_s']:.0f} s "
+        + f", {s['tokens']:,} bytes seen, {s['elapsed_s']:.0f} s wall, {s['cpu_s']:.0f} s CPU "
         + f"({s['tokens'] / max(s['elapsed_s'], 1e-9):,.0f} bytes/s)",
     ]
     if out is not None:

@@ -48,7 +48,7 @@ class GPTConfig:
 
     vocab_size: int = VOCAB_SIZE
     block_size: int = 128
-    n_layer: int = 4
+    n_layer: int = 2
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
