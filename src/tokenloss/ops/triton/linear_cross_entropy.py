@@ -63,8 +63,12 @@ from tokenloss.ops.triton.common import (
 )
 from tokenloss.options import LossOptions, PreparedTargets
 
-# Tile sizes (tests lower them to exercise the loops on small shapes). Not autotuned: the backward
-# kernel's atomic adds would have to be reset between autotuning trials.
+# Tile sizes for 2-byte operands (bf16/fp16); :func:`_tiles` scales them down for float32 and
+# float64 so the pipelined operand buffers fit in shared memory. Compiled ahead of time for sm_90
+# (no GPU needed), the bf16 kernels take 32 KiB (forward) and 64 KiB (backward) of shared memory
+# (H100: 227 KiB a block).
+# Tests lower them to exercise the loops on small shapes. Not autotuned: the backward kernel's
+# atomic adds would have to be reset between autotuning trials.
 BLOCK_M = 128
 BLOCK_N = 128
 BLOCK_K = 64
@@ -308,25 +312,43 @@ def _backward_kernel(
                 )
 
 
-def _n_splits(n_rows: int, n_cols: int, device: torch.device) -> int:
+def _tiles(dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """``(BM, BN, BK, stages)`` for operands of ``dtype``.
+
+    Shared memory of the backward kernel compiled for sm_90 (``tests/ops/triton/test_compile.py``
+    does this without a GPU): bf16/fp16 64 KiB; float32 would need 208 KiB at those tiles, so ``BK``
+    is halved (144 KiB, under the 164 KiB of an A100); float64 would need 448 KiB, so ``BM``, ``BN``
+    and ``BK`` are halved and two stages are pipelined instead of three (80 KiB). Never below 16,
+    the smallest compiled ``tl.dot``.
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    if size <= 2:
+        return BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES
+    if size == 4:
+        return BLOCK_M, BLOCK_N, max(16, BLOCK_K // 2), NUM_STAGES
+    return max(16, BLOCK_M // 2), max(16, BLOCK_N // 2), max(16, BLOCK_K // 2), 2
+
+
+def _n_splits(n_rows: int, n_cols: int, tiles: tuple[int, int, int, int], device: torch.device) -> int:
     """Column splits of the forward grid: about four programs per SM, at most one split per column tile."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    m_blocks = triton.cdiv(n_rows, BLOCK_M)
-    return max(1, min(triton.cdiv(4 * sms, m_blocks), triton.cdiv(n_cols, BLOCK_N)))
+    m_blocks = triton.cdiv(n_rows, tiles[0])
+    return max(1, min(triton.cdiv(4 * sms, m_blocks), triton.cdiv(n_cols, tiles[1])))
 
 
 def _common_constexprs(hidden: Tensor, bias: Tensor | None, options: LossOptions) -> dict:
+    block_m, block_n, block_k, stages = _tiles(hidden.dtype)
     return dict(
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=options.softcap is not None,
         ACC=triton_dtype(accumulation_dtype(hidden.dtype)),
         DOT_FP32=bf16_dot_in_fp32(_lse_forward_kernel, hidden.dtype),
         PRECISION=dot_precision(hidden.dtype),
-        BM=BLOCK_M,
-        BN=BLOCK_N,
-        BK=BLOCK_K,
+        BM=block_m,
+        BN=block_n,
+        BK=block_k,
         num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES,
+        num_stages=stages,
     )
 
 
@@ -345,15 +367,16 @@ def fused_statistics(
     n_rows, dim = hidden.shape
     n_cols = weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
-    n_splits = _n_splits(n_rows, n_cols, hidden.device)
-    cols_per_split = triton.cdiv(triton.cdiv(n_cols, n_splits), BLOCK_N) * BLOCK_N
+    tiles = _tiles(hidden.dtype)
+    n_splits = _n_splits(n_rows, n_cols, tiles, hidden.device)
+    cols_per_split = triton.cdiv(triton.cdiv(n_cols, n_splits), tiles[1]) * tiles[1]
     n_splits = triton.cdiv(n_cols, cols_per_split)
     smoothing = options.label_smoothing > 0
     lse_part = torch.empty(n_splits, n_rows, dtype=acc, device=hidden.device)  # (S, N)
     target_part = torch.empty_like(lse_part)
     sum_part = torch.empty_like(lse_part) if smoothing else lse_part
     if n_rows > 0:
-        grid = (triton.cdiv(n_rows, BLOCK_M), n_splits)
+        grid = (triton.cdiv(n_rows, tiles[0]), n_splits)
         with on_device_of(hidden):
             _lse_forward_kernel[grid](
                 hidden,
@@ -402,7 +425,8 @@ def fused_gradients(
     grad_b = torch.zeros(n_cols, dtype=acc, device=hidden.device) if needs[2] and bias is not None else None
     if n_rows > 0 and any(g is not None for g in (grad_h, grad_w, grad_b)):
         dummy = lse
-        grid = (triton.cdiv(n_rows, BLOCK_M) * triton.cdiv(n_cols, BLOCK_N),)
+        tiles = _tiles(hidden.dtype)
+        grid = (triton.cdiv(n_rows, tiles[0]) * triton.cdiv(n_cols, tiles[1]),)
         with on_device_of(hidden):
             _backward_kernel[grid](
                 hidden,
