@@ -150,6 +150,18 @@ def test_options_reach_the_library(monkeypatch, text_file, capsys):
     }
 
 
+def test_missing_transformers_is_one_line(monkeypatch, text_file, capsys):
+    """A Hugging Face directory without transformers installed: the install hint, not a traceback."""
+
+    def no_transformers(path, *, device, dtype):
+        raise ImportError("a Hugging Face model needs transformers: pip install 'tokenloss[hf]'")
+
+    monkeypatch.setattr(tokenloss.models, "load_model", no_transformers)
+    code, out, err = run(capsys, "--model", "somewhere", "--text", str(text_file), "-q")
+    assert code == 2 and out == ""
+    assert err == "Error: a Hugging Face model needs transformers: pip install 'tokenloss[hf]'\n"
+
+
 def test_default_model_is_the_builtin_byte_gpt(text_file, capsys):
     """Without --model, the byte GPT shipped in the package is evaluated."""
     code, out, err = run(capsys, "--text", str(text_file), "--json", "-S", "96")

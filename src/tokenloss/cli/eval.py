@@ -196,7 +196,10 @@ def run_eval(
     created, rank, world_size, device = _setup_distributed(device)
     try:
         source_text, source = _share_text(text, encoding, rank, world_size)
-        lm = load_model(model, device=device, dtype=dtype)
+        try:
+            lm = load_model(model, device=device, dtype=dtype)
+        except ImportError as error:  # transformers missing for a Hugging Face directory
+            raise CLIError(str(error)) from None
         evaluation = evaluate(
             lm,
             source_text,
@@ -229,7 +232,10 @@ def run_eval(
         if out is not None:
             from tokenloss.reports import write_report
 
-            written = write_report(evaluation.scores, result, out)
+            try:
+                written = write_report(evaluation.scores, result, out)
+            except OSError as error:
+                raise CLIError(f"cannot write the report to {str(out)!r}: {error.strerror or error}") from None
             result["out"] = {kind: str(path) for kind, path in written.items()}
         if as_json:
             print(json.dumps(result, ensure_ascii=False, allow_nan=False))
