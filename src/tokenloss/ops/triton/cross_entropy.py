@@ -18,11 +18,11 @@ Why the gradient is not written in the forward pass (the Liger Kernel design): t
 here is per row and its upstream gradient is only known in the backward pass (``1/denominator`` for
 a mean, a vector for ``"none"``). A gradient written in the forward pass must therefore be
 rescaled in the backward pass, one more read and write of ``N x V`` numbers: forward (read, read
-again, write) plus backward (read, write) against forward (read) plus backward (read, write) here.
-It would also allocate the ``N x V`` gradient during the forward pass and do that work for
-forwards that never run a backward (evaluation). Same traffic at best, more otherwise, so the
-recompute-in-backward design is kept; the benchmark (``benchmarks/bench_gpu.py``) times it against
-Liger's gradient-in-forward kernel on the GPU.
+again, write) plus backward (read, write), against forward (read) plus backward (read, write) here;
+even with the second forward read served from L2 that is two writes of ``N x V`` against one. It
+would also allocate the ``N x V`` gradient during the forward pass and do that work for forwards
+that never run a backward (evaluation). So the recompute-in-backward design is kept; the benchmark
+(``benchmarks/bench_gpu.py``) times it against Liger's gradient-in-forward kernel on the GPU.
 
 Accumulation is in float32 for float32/bfloat16/float16 logits and float64 for float64 ones. No
 host synchronisation except the optional finite check of ``check_inputs`` (shared with the torch
