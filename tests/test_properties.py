@@ -41,15 +41,22 @@ options_without_shift_dependence = st.fixed_dictionaries(
 def test_adding_a_constant_to_a_row_changes_nothing(batch, options, dtype):
     """softmax(x + c) = softmax(x): per-row constants leave the loss and the gradient unchanged."""
     logits, targets, gen = batch
-    shifts = torch.randn(logits.shape[0], 1, generator=gen, dtype=torch.float64) * 50
+    shifts = torch.randn(logits.shape[0], 1, generator=gen, dtype=torch.float64).mul_(50).round_()
+    tolerance = {"rtol": 1e-7, "atol": 1e-9}
+    if dtype == torch.float32:
+        # Dyadic logits (multiples of 2**-10 below 2**12) plus integer shifts are exact in float32, so
+        # both calls see exactly shifted inputs. The loss is then exact up to ulp(logsumexp) ~ 1e-5:
+        # enough for the cross-entropy, not for (1 - p) ** gamma with gamma < 1 at p ~ 1 - 1e-6,
+        # whose float32 value is ill-conditioned (float64 checks that case above).
+        logits = (logits.clamp(-4000, 4000) * 1024).round_() / 1024
+        options = {**options, "focal_gamma": 0.0 if options["focal_gamma"] < 1 else options["focal_gamma"]}
+        tolerance = {"rtol": 1e-4, "atol": 1e-4}
     results = []
     for x in (logits, logits + shifts):
         x = x.to(dtype).requires_grad_()
         loss = tl.cross_entropy(x, targets, **options)
         loss.sum().backward()
         results.append((loss.detach(), x.grad))
-    # float32 rounds logits of magnitude ~ |x| + 50 to ~4e-6: the loss moves by that much at most.
-    tolerance = {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
     torch.testing.assert_close(results[1][0], results[0][0], **tolerance)
     torch.testing.assert_close(results[1][1], results[0][1], **tolerance)
 
@@ -61,14 +68,14 @@ def test_adding_a_constant_to_a_row_changes_nothing(batch, options, dtype):
     label_smoothing=st.sampled_from([0.0, 0.3]),
 )
 def test_uniform_logits_give_log_vocab(vocab_size, value, label_smoothing):
-    """Equal logits (any value) give log V for every position; exactly float32(log V) when the logits are 0."""
+    """Equal logits (any value) give log V for every position; float32(log V) to 1 ulp when they are 0."""
     logits = torch.full((2, vocab_size), value)
     losses = tl.cross_entropy(
         logits, torch.tensor([0, vocab_size - 1]), reduction="none", label_smoothing=label_smoothing
     )
     expected = torch.tensor(math.log(vocab_size), dtype=torch.float32)
-    if value == 0.0:
-        assert (losses == expected).all(), (losses, expected)
+    if value == 0.0:  # the sum of V ones is exact; only float32's log rounds (to within 1 ulp)
+        assert (losses - expected).abs().max().item() <= torch.finfo(torch.float32).eps * expected.item(), losses
     else:  # lse = value + log V is rounded at the magnitude of value
         tolerance = 4 * torch.finfo(torch.float32).eps * max(abs(value), math.log(max(vocab_size, 2)))
         assert (losses - expected).abs().max().item() <= tolerance

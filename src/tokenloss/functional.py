@@ -75,7 +75,7 @@ def cross_entropy(
             else reads them after the loss).
         check_inputs: check that counted targets are in ``[0, V)`` and that no counted row of
             logits holds NaN/inf (each one host sync on CUDA); False skips both.
-        chunk_size: rows per chunk (None: about 2**21 elements per chunk).
+        chunk_size: rows per chunk (None: about 2**23 elements per chunk, see :mod:`tokenloss.ops.cross_entropy`).
 
     Returns:
         A float32 scalar for ``"mean"``/``"sum"``; a float32 tensor shaped like ``targets`` (after

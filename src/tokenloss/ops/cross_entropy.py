@@ -24,10 +24,13 @@ from tokenloss.ops.rowwise import (
 )
 from tokenloss.options import LossOptions
 
-# A chunk of about 2**21 float32 elements (8 MiB) stays mostly in the last-level cache between the
-# several elementwise passes over it, while being large enough for the per-op overhead of
-# eager PyTorch and for the intra-op threads to have work (see benchmarks/bench_cross_entropy.py).
-CHUNK_ELEMENTS = 1 << 21
+# A chunk of 2**23 elements (32 MiB of float32, about the last-level cache of a server CPU). Each
+# chunk costs about five passes, each a parallel region of the intra-op thread pool; on a busy CPU
+# every region waits for its slowest thread, so fewer, larger chunks were faster on the shared
+# 2-core benchmark machine (2**21 was 1.9x slower than 2**23 at (2048, 32000) with 2 threads, though
+# 12% faster with 1 thread; 2**24 slower in both). One scratch chunk is allocated per call and reused, so
+# the chunk size is also the forward pass's extra memory. See benchmarks/bench_cross_entropy.py.
+CHUNK_ELEMENTS = 1 << 23
 
 
 def rows_per_chunk(vocab_size: int, chunk_size: int | None = None) -> int:
@@ -56,9 +59,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         weights = weights.to(lse.dtype)
         target_logit = torch.empty_like(lse)
         logit_sum = torch.empty_like(lse) if options.label_smoothing > 0 else None
+        buffer = logits.new_empty(min(chunk_rows, n_rows), vocab_size, dtype=lse.dtype)  # (n, V) scratch, reused
         for start in range(0, n_rows, chunk_rows):
             rows = slice(start, start + chunk_rows)
-            stats = chunk_statistics(logits[rows], targets[rows], options)
+            stats = chunk_statistics(logits[rows], targets[rows], options, buffer=buffer)
             lse[rows] = stats.lse
             target_logit[rows] = stats.target_logit
             if logit_sum is not None:
@@ -80,6 +84,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         alpha, beta, delta = scale_coefficients(alpha, beta, delta, row_scale)
         skipped = (row_scale == 0).unsqueeze(1) if ctx.zero_skipped_rows else None  # (N, 1) bool
         grad = logits if ctx.inplace_backward else torch.empty_like(logits)
+        acc = accumulation_dtype(logits.dtype)
+        buffer = None  # (n, V) scratch, only needed when the gradient's dtype is not the accumulation dtype
+        if logits.dtype != acc:
+            buffer = logits.new_empty(min(ctx.chunk_rows, logits.shape[0]), logits.shape[1], dtype=acc)
         for start in range(0, logits.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             chunk_gradient(
@@ -90,7 +98,8 @@ class CrossEntropyFunction(torch.autograd.Function):
                 beta[rows],
                 delta[rows],
                 ctx.options,
-                out=grad[rows],  # written in place: no (n, V) temporary, no copy
+                out=grad[rows],  # float32/float64: written in place, no (n, V) temporary, no copy
+                buffer=buffer,
             )
             if skipped is not None:
                 grad[rows].masked_fill_(skipped[rows], 0)

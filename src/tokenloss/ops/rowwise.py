@@ -56,22 +56,49 @@ def capped(logits: Tensor, softcap: float | None) -> Tensor:
     return torch.tanh(x / softcap).mul_(softcap)
 
 
-def chunk_statistics(logits: Tensor, targets: Tensor, options: LossOptions) -> RowStatistics:
+def chunk_statistics(
+    logits: Tensor, targets: Tensor, options: LossOptions, *, buffer: Tensor | None = None
+) -> RowStatistics:
     """Statistics of one chunk of rows.
 
     Args:
         logits: ``(n, V)`` any float dtype; read once.
         targets: ``(n,)`` int64 in ``[0, V)``.
         options: loss options (softcap and label_smoothing are used here).
+        buffer: optional ``(n', V)`` scratch tensor in the accumulation dtype with ``n' >= n``.
+            A caller that loops over chunks passes the same buffer to every chunk, so that no
+            chunk allocates (and, on the CPU, page-faults in) its own ``(n, V)`` temporaries.
 
     Returns:
         :class:`RowStatistics` with ``(n,)`` float32 tensors.
     """
-    z = capped(logits, options.softcap)  # (n, V) float32: a copy only for bf16/fp16 or softcap
-    lse = torch.logsumexp(z, dim=-1)
+    scratch = None if buffer is None else buffer[: logits.shape[0]]
+    if logits.dtype == accumulation_dtype(logits.dtype) and options.softcap is None:
+        z = logits  # no copy: the exponentials go to the scratch space
+        work = scratch if scratch is not None else torch.empty_like(z)
+    else:
+        if scratch is not None:
+            z = scratch.copy_(logits)  # (n, V) in the accumulation dtype
+            if options.softcap is not None:
+                z.div_(options.softcap).tanh_().mul_(options.softcap)  # the same ops as capped()
+        else:
+            z = capped(logits, options.softcap)  # (n, V) float32: a copy
+        work = z  # our own copy: the exponentials may overwrite it once the gathers are done
     target_logit = z.gather(1, targets.unsqueeze(1)).squeeze(1)
     logit_sum = z.sum(dim=-1) if options.label_smoothing > 0 else None
+    lse = _logsumexp_rows(z, work)
     return RowStatistics(lse, target_logit, logit_sum)
+
+
+def _logsumexp_rows(z: Tensor, work: Tensor) -> Tensor:
+    """``logsumexp(z, dim=-1)`` ``(n,)`` as ``torch.logsumexp`` computes it (max + log of the sum of
+    shifted exponentials), with the ``(n, V)`` exponentials written into ``work`` (may be ``z``)."""
+    row_max = z.amax(dim=-1)
+    # A row whose maximum is +-inf would give inf - inf = NaN: shift it by 0 instead, so that its
+    # log-sum-exp comes out +-inf (and check_finite_rows names it), as torch.logsumexp does.
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    torch.sub(z, shift.unsqueeze(1), out=work).exp_()
+    return work.sum(dim=-1).log_().add_(shift)
 
 
 def loss_and_coefficients(
@@ -149,6 +176,7 @@ def chunk_gradient(
     *,
     target_in_chunk: Tensor | None = None,
     out: Tensor | None = None,
+    buffer: Tensor | None = None,
 ) -> Tensor:
     """Gradient of the (already scaled) loss with respect to a chunk of raw logits.
 
@@ -167,12 +195,19 @@ def chunk_gradient(
             the accumulation dtype the gradient is computed in it directly, with no ``(n, V)``
             temporary (none at all without a softcap); otherwise it is computed in a temporary
             and cast into ``out``.
+        buffer: optional ``(n', V)`` scratch tensor in the accumulation dtype, ``n' >= n``, used
+            for that temporary instead of a fresh allocation (see :func:`chunk_statistics`).
 
     Returns:
         ``(n, V)`` gradient: ``out`` if given, else a fresh tensor in the accumulation dtype.
     """
     acc = accumulation_dtype(logits.dtype)
-    work = out if out is not None and out.dtype == acc else torch.empty(logits.shape, dtype=acc, device=logits.device)
+    if out is not None and out.dtype == acc:
+        work = out
+    elif buffer is not None:
+        work = buffer[: logits.shape[0]]
+    else:
+        work = torch.empty(logits.shape, dtype=acc, device=logits.device)
     lse_col = lse.unsqueeze(1)
     if options.softcap is None:
         # z - lse in one pass that reads the logits and writes `work` (bf16/fp16 promote to float32 here)
