@@ -413,3 +413,30 @@ def test_bad_input_names_the_argument(case, override, error, argument):
     kwargs.update(override)
     with pytest.raises(error, match=rf"^{argument}\b"):
         tl.cross_entropy(kwargs.pop("logits"), kwargs.pop("targets"), **kwargs)
+
+
+# --- layouts ---------------------------------------------------------------------------------
+
+
+def test_int32_targets_and_a_single_position(make_logits):
+    """int32 targets equal int64 ones; (V,) logits with a 0-dim target give a 0-dim "none" loss."""
+    logits = make_logits(4, 6)
+    targets = torch.tensor([0, 5, 2, 3])
+    torch.testing.assert_close(tl.cross_entropy(logits, targets.int()), tl.cross_entropy(logits, targets))
+    single = tl.cross_entropy(logits[1], targets[1], reduction="none")
+    assert single.shape == ()
+    torch.testing.assert_close(single, F.cross_entropy(logits[1], targets[1]))
+
+
+def test_non_contiguous_logits(make_logits, make_targets):
+    """Strided logits (a transpose, then a slice) give the same loss and gradient as a contiguous copy."""
+    base = make_logits(7, 3, 11).requires_grad_()
+    logits = base.transpose(0, 1)[:, :-1]  # (3, 6, 11), non-contiguous
+    assert not logits.is_contiguous()
+    targets = make_targets((3, 6), 11, ignore_every=4)
+    loss = tl.cross_entropy(logits, targets, label_smoothing=0.1)
+    loss.backward()
+    expected_loss, expected_grad = loss_and_grad(tl.cross_entropy, logits.contiguous(), targets, label_smoothing=0.1)
+    torch.testing.assert_close(loss.detach(), expected_loss)
+    torch.testing.assert_close(base.grad.transpose(0, 1)[:, :-1], expected_grad)
+    assert (base.grad[-1] == 0).all()
