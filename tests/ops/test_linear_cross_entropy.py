@@ -67,9 +67,11 @@ def test_inplace_kernels_equal_the_rowwise_kernels(dtype, options):
 @pytest.mark.parametrize(
     ("n_rows", "vocab", "chunk_size", "expected"),
     [
-        (4096, 32000, None, 524),  # 64 MiB / (4 * 32000)
-        (2048, 128256, None, 130),
-        (8192, 262144, None, 128),  # raised to MIN_CHUNK_ROWS
+        (4096, 32000, None, 820),  # ceil(N / 5)
+        (2048, 128256, None, 410),
+        (16384, 128256, None, 523),  # 256 MiB / (4 * 128256)
+        (8192, 262144, None, 256),
+        (300, 32000, None, 128),  # raised to MIN_CHUNK_ROWS
         (100, 32000, None, 100),  # never more than N
         (0, 32000, None, 1),
         (4096, 32000, 77, 77),

@@ -51,13 +51,15 @@ from tokenloss.ops.rowwise import (
 )
 from tokenloss.options import LossOptions, PreparedTargets
 
-# Chunk rule (see :func:`rows_per_chunk`): a chunk's (n, V) float32 buffer is about CHUNK_BYTES,
-# but never fewer than MIN_CHUNK_ROWS rows, because every chunk re-reads and re-writes the whole
-# (V, D) grad_weight accumulator in its product, and a product whose inner dimension is a few
-# dozen rows runs at memory speed instead of compute speed (measured in
-# benchmarks/bench_linear_cross_entropy.py). Never more than 1/MAX_MEMORY_FRACTION of the
-# memory that is free now.
-CHUNK_BYTES = 64 << 20
+# Chunk rule (see :func:`rows_per_chunk`). Every chunk streams the whole (V, D) weight through two
+# products and the (V, D) grad_weight accumulator through a third, so the time beyond the three
+# products grows with the number of chunks (measured on a 2-core CPU: +35-55% at 130-row chunks,
+# where the weight is 512 MiB); the memory grows with the chunk's (n, V) buffer. The unfused loss
+# keeps about 2.5 (N, V) float32 tensors at its peak, so a chunk of at most N / CHUNK_FRACTION rows
+# stays under ~10% of its extra memory while keeping the number of chunks at 5; MAX_CHUNK_BYTES
+# bounds the buffer for large N, MIN_CHUNK_ROWS keeps small batches from being cut into slivers.
+CHUNK_FRACTION = 5
+MAX_CHUNK_BYTES = 256 << 20
 MIN_CHUNK_ROWS = 128
 MAX_MEMORY_FRACTION = 16
 
@@ -82,10 +84,10 @@ def rows_per_chunk(
 ) -> int:
     """Rows per chunk of the fused loss.
 
-    ``chunk_size`` if given. Otherwise ``n = CHUNK_BYTES / (4 V)`` rows (64 MiB of float32
-    logits: 524 rows at V = 32000, 130 at V = 128256), raised to ``MIN_CHUNK_ROWS`` = 128 so the
-    grad_weight product stays compute-bound, lowered so that ``n * V * 4`` bytes stays under
-    1/16 of the memory free on ``device``, and never more than ``n_rows``. At least 1.
+    ``chunk_size`` if given. Otherwise ``ceil(N / 5)`` rows (5 chunks: the (n, V) buffer is a fifth
+    of the unfused logits), at most ``MAX_CHUNK_BYTES / (4 V)`` (256 MiB of float32 logits: 2097
+    rows at V = 32000, 523 at V = 128256), at least 128 rows (or N if smaller), and at most
+    ``1/16`` of the memory free on ``device`` (``n * V * 4`` bytes). At least 1.
 
     Raises:
         ValueError: ``chunk_size`` not a positive int.
@@ -95,11 +97,12 @@ def rows_per_chunk(
             raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
         return chunk_size
     row_bytes = 4 * max(vocab_size, 1)
-    rows = max(CHUNK_BYTES // row_bytes, MIN_CHUNK_ROWS)
+    rows = min(-(-n_rows // CHUNK_FRACTION), MAX_CHUNK_BYTES // row_bytes)
+    rows = max(rows, min(MIN_CHUNK_ROWS, n_rows))
     free = _available_bytes(device) if device is not None else None
     if free is not None:
         rows = min(rows, free // (MAX_MEMORY_FRACTION * row_bytes))
-    return max(1, min(rows, max(n_rows, 1)))
+    return max(1, rows)
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
