@@ -112,9 +112,7 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tens
     return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
-def _statistics_inplace(
-    logits: Tensor, targets: Tensor, options: LossOptions
-) -> tuple[Tensor, RowStatistics, Tensor]:
+def _statistics_inplace(logits: Tensor, targets: Tensor, options: LossOptions) -> tuple[Tensor, RowStatistics, Tensor]:
     """Per-row statistics of a chunk, leaving ``exp(z - max)`` in a float buffer.
 
     Equal to :func:`tokenloss.ops.rowwise.chunk_statistics` (tested), with one ``exp`` per element
