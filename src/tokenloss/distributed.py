@@ -54,6 +54,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from tokenloss.ops.cross_entropy import rows_per_chunk
+from tokenloss.ops.linear_cross_entropy import rows_per_chunk as linear_rows_per_chunk
 from tokenloss.ops.rowwise import (
     RowStatistics,
     accumulation_dtype,
@@ -90,8 +91,9 @@ class ShardLayout:
     Attributes:
         sizes: ``V_local`` of every rank, in rank order.
         rank: this rank's index in the group.
-        offset: first vocabulary id of this rank's slice.
-        vocab_size: the whole ``V`` (sum of ``sizes``).
+
+    Properties: ``offset`` (first vocabulary id of this rank's slice), ``local_size`` (its
+    ``V_local``) and ``vocab_size`` (the whole ``V``, the sum of ``sizes``).
     """
 
     sizes: tuple[int, ...]
@@ -505,7 +507,10 @@ def vocab_parallel_linear_cross_entropy(
         bias_shard: optional ``(V_local,)``.
         group, vocab_sizes: as in :func:`vocab_parallel_cross_entropy`.
         ignore_index, mask, shift, reduction, label_smoothing, z_loss, softcap, focal_gamma,
-        token_weights, num_items, check_inputs, chunk_size: as in :func:`tokenloss.cross_entropy`.
+        token_weights, num_items, check_inputs: as in :func:`tokenloss.cross_entropy`.
+        chunk_size: rows per chunk; None: as :func:`tokenloss.linear_cross_entropy` (about N / 5
+            rows, at most 256 MiB of float32 logits of the slice): each chunk streams the whole
+            weight slice and its gradient, so few large chunks are faster.
 
     Returns:
         As :func:`vocab_parallel_cross_entropy`.
@@ -541,6 +546,7 @@ def vocab_parallel_linear_cross_entropy(
     )
     layout = shard_layout(local_size, vocab_sizes, group, hidden.device)
     local_targets, in_shard = _localize_targets(prepared, layout, options)
+    n_rows = local_targets.shape[0]
     rows = VocabParallelLinearCrossEntropyFunction.apply(
         hidden.reshape(-1, dim),
         weight_shard,
@@ -551,7 +557,8 @@ def vocab_parallel_linear_cross_entropy(
         prepared.counted,
         layout.vocab_size,
         options,
-        rows_per_chunk(local_size, chunk_size),
+        # Few large chunks: each chunk streams the whole (V_local, D) weight and its gradient.
+        linear_rows_per_chunk(n_rows, local_size, chunk_size=chunk_size, device=hidden.device),
         group,
     )
     return prepared.reduce(rows, reduction)
