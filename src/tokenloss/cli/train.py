@@ -16,7 +16,7 @@ from tokenloss.cli.errors import CLIError
 EXAMPLES = """
 Examples:
 
-  tokenloss train                               # ~600 steps on Python's own docstrings, a few CPU minutes
+  tokenloss train                    # 600 steps on Python's own docstrings, about 2 minutes on one core
 
   tokenloss train --out runs/doc --seed 1       # keep the model, log.jsonl and loss.png
 
