@@ -18,7 +18,7 @@ forward+backward then runs, and the table gives the growth of the peak over the 
 before the step: the memory used *beyond* the input logits, including the gradient that is
 returned (Linux only; elsewhere the column is empty).
 
-Run (full size: about 7 GiB of RAM at V = 128256, so take the machine's heavy-job lock)::
+Run (full size: up to about 10 GiB of RAM at V = 128256, so take the machine's heavy-job lock)::
 
     flock /tmp/tokenloss-heavy.lock .venv/bin/python benchmarks/bench_cross_entropy.py
     .venv/bin/python benchmarks/bench_cross_entropy.py --quick          # small and fast
