@@ -8,6 +8,7 @@ full traceback.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 
