@@ -34,7 +34,8 @@ for _name in COMMANDS:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tokenloss`` script; returns the exit status."""
     try:
-        app(args=argv, standalone_mode=False)
+        # With standalone_mode=False click returns a command's `typer.Exit(code)` as its exit code.
+        result = app(args=argv, standalone_mode=False)
     except SystemExit as exit_:  # pragma: no cover - typer/click exit paths
         return int(exit_.code or 0)
     except (CLIError, ValueError, TypeError, FileNotFoundError, UnicodeDecodeError) as error:
@@ -53,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
             error.show()
             return error.exit_code
         raise
-    return 0
+    return result if isinstance(result, int) else 0
