@@ -578,8 +578,8 @@ def test_argument_errors_before_any_collective(kwargs, error, match) -> None:
     ("weight", "bias", "error", "match"),
     [
         (torch.randn(3, 5), None, ValueError, "weight_shard must have shape"),
-        (torch.randn(3, 4, dtype=torch.float64), None, TypeError, "weight_shard must have hidden's dtype"),
-        (torch.randn(3, 4), torch.randn(4), ValueError, "bias_shard must have shape \\(3,\\)"),
+        (torch.randn(3, 4, dtype=torch.float64), None, TypeError, "weight_shard must have the dtype of hidden"),
+        (torch.randn(3, 4), torch.randn(4), ValueError, "bias_shard must have shape \\(V,\\) = \\(3,\\)"),
     ],
 )
 def test_linear_argument_errors(weight, bias, error, match) -> None:

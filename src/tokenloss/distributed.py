@@ -64,7 +64,7 @@ from tokenloss.ops.rowwise import (
     loss_and_coefficients,
     scale_coefficients,
 )
-from tokenloss.options import LossOptions, PreparedTargets, check_logits, prepare_targets
+from tokenloss.options import LossOptions, PreparedTargets, check_linear_inputs, check_logits, prepare_targets
 
 __all__ = [
     "default_backend",
@@ -529,7 +529,7 @@ def vocab_parallel_linear_cross_entropy(
         focal_gamma=focal_gamma,
         check_inputs=check_inputs,
     )
-    _check_linear(hidden, weight_shard, bias_shard)
+    check_linear_inputs(hidden, weight_shard, bias_shard, weight_name="weight_shard", bias_name="bias_shard")
     if shift and hidden.ndim < 2:
         raise ValueError(f"shift=True needs hidden shaped (..., T, D), got {tuple(hidden.shape)}")
     local_size, dim = weight_shard.shape
@@ -562,25 +562,6 @@ def vocab_parallel_linear_cross_entropy(
         group,
     )
     return prepared.reduce(rows, reduction)
-
-
-def _check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-    check_logits(hidden, "hidden")
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"weight_shard must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.ndim != 2 or weight.shape[0] < 1 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"weight_shard must have shape (V_local, D) = (>= 1, {hidden.shape[-1]}) to match hidden "
-            f"{tuple(hidden.shape)}, got {tuple(weight.shape)}"
-        )
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight_shard must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
-    if bias is not None:
-        if not isinstance(bias, Tensor) or bias.dtype != hidden.dtype:
-            got = bias.dtype if isinstance(bias, Tensor) else type(bias).__name__
-            raise TypeError(f"bias_shard must be a tensor of hidden's dtype {hidden.dtype}, got {got}")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias_shard must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------

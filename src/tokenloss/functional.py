@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from tokenloss.ops import resolve_impl
-from tokenloss.options import FLOAT_DTYPES, LossOptions, check_logits, prepare_targets
+from tokenloss.options import LossOptions, check_linear_inputs, check_logits, prepare_targets
 
 
 def _rows_module(impl: str, device: torch.device):
@@ -129,33 +129,6 @@ def cross_entropy(
     return prepared.reduce(rows, reduction)
 
 
-def _check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-    """Raises TypeError/ValueError unless hidden ``(..., D)``, weight ``(V, D)``, bias ``(V,)`` agree."""
-    for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if tensor is None and name == "bias":
-            continue
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {tensor.dtype}")
-    if hidden.ndim < 1 or hidden.shape[-1] < 1:
-        raise ValueError(f"hidden must have shape (..., D) with D >= 1, got {tuple(hidden.shape)}")
-    if weight.ndim != 2 or weight.shape[0] < 1 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"weight must have shape (V, D) = (V, {hidden.shape[-1]}) with V >= 1 (D from hidden), "
-            f"got {tuple(weight.shape)}"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
-    for name, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is None:
-            continue
-        if tensor.dtype != hidden.dtype:
-            raise TypeError(f"{name} must have the dtype of hidden ({hidden.dtype}), got {tensor.dtype}")
-        if tensor.device != hidden.device:
-            raise ValueError(f"{name} must be on the device of hidden ({hidden.device}), got {tensor.device}")
-
-
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -223,7 +196,7 @@ def linear_cross_entropy(
         focal_gamma=focal_gamma,
         check_inputs=check_inputs,
     )
-    _check_linear_inputs(hidden, weight, bias)
+    check_linear_inputs(hidden, weight, bias)
     if shift and hidden.ndim < 2:
         raise ValueError(f"shift=True needs hidden shaped (..., T, D), got {tuple(hidden.shape)}")
     prepared = prepare_targets(

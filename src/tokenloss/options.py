@@ -101,11 +101,44 @@ def check_logits(logits: Tensor, name: str = "logits") -> None:
     if not isinstance(logits, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be float32, bfloat16, float16 or float64, got {logits.dtype}"
-        )
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {logits.dtype}")
     if logits.ndim < 1 or logits.shape[-1] < 1:
         raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
+
+
+def check_linear_inputs(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    *,
+    weight_name: str = "weight",
+    bias_name: str = "bias",
+) -> None:
+    """Raises TypeError/ValueError unless hidden ``(..., D)``, weight ``(V, D)``, bias ``(V,)`` agree
+    in shape, dtype and device (the names in messages are the caller's: ``weight_shard`` ...)."""
+    for name, tensor in (("hidden", hidden), (weight_name, weight), (bias_name, bias)):
+        if tensor is None and name == bias_name:
+            continue
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {tensor.dtype}")
+    if hidden.ndim < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"hidden must have shape (..., D) with D >= 1, got {tuple(hidden.shape)}")
+    if weight.ndim != 2 or weight.shape[0] < 1 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{weight_name} must have shape (V, D) = (V, {hidden.shape[-1]}) with V >= 1 (D from hidden), "
+            f"got {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{bias_name} must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    for name, tensor in ((weight_name, weight), (bias_name, bias)):
+        if tensor is None:
+            continue
+        if tensor.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have the dtype of hidden ({hidden.dtype}), got {tensor.dtype}")
+        if tensor.device != hidden.device:
+            raise ValueError(f"{name} must be on the device of hidden ({hidden.device}), got {tensor.device}")
 
 
 def prepare_targets(
@@ -162,8 +195,7 @@ def prepare_targets(
             raise TypeError(f"token_weights must be a floating tensor, got {got}")
         if token_weights.shape != targets.shape:
             raise ValueError(
-                f"token_weights must have the shape of targets {tuple(targets.shape)}, "
-                f"got {tuple(token_weights.shape)}"
+                f"token_weights must have the shape of targets {tuple(targets.shape)}, got {tuple(token_weights.shape)}"
             )
     if shift and targets.ndim < 1:
         raise ValueError(f"shift=True needs a sequence dimension: {input_name} must be (..., T, V)")
