@@ -26,7 +26,6 @@ Run (about 3 GiB of RAM in all at the default size, so take the machine's heavy-
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import socket
 import statistics
@@ -39,23 +38,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from _memory import peak_rss_bytes, reset_peak
+
 MIB = 1 << 20
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> int:
-    """Resets VmHWM to the current RSS and returns the current RSS in bytes."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    return _status_kib("VmRSS") * 1024
 
 
 class _CountBytes:
@@ -112,12 +97,12 @@ def _worker(rank: int, world: int, port: int, config: dict, out_dir: str) -> Non
     for leaf in leaves:
         leaf.grad = None
     dist.barrier()
-    base = _reset_peak()
+    base = reset_peak()
     start = time.perf_counter()
     with _CountBytes() as counted:
         step()
     seconds = time.perf_counter() - start
-    peak = _status_kib("VmHWM") * 1024 - base
+    peak = peak_rss_bytes() - base
     result = dict(
         rank=rank, peak=peak, input=input_bytes, exchanged=counted.bytes, seconds=seconds, v_local=sizes[rank]
     )

@@ -20,30 +20,15 @@ Run (the unpatched rows need several GiB, so take the machine's heavy-job lock):
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import subprocess
 import sys
 import time
 
+from _memory import peak_rss_bytes, reset_peak
+
 MIB = 1 << 20
 FAMILIES = ("gpt2", "llama", "qwen2", "gemma2")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> int:
-    """Resets VmHWM to the current RSS and returns the current RSS in bytes."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    return _status_kib("VmRSS") * 1024
 
 
 def build_model(family: str, vocab: int, seq: int):
@@ -90,11 +75,11 @@ def worker(family: str, patched: bool, vocab: int, batch: int, seq: int) -> dict
         return loss.item()
 
     step()  # warm-up: creates the optimizer state
-    base = _reset_peak()
+    base = reset_peak()
     start = time.perf_counter()
     loss = step()
     seconds = time.perf_counter() - start
-    return dict(peak=_status_kib("VmHWM") * 1024 - base, seconds=seconds, loss=loss)
+    return dict(peak=peak_rss_bytes() - base, seconds=seconds, loss=loss)
 
 
 def main() -> None:
