@@ -52,15 +52,16 @@ def test_inplace_kernels_equal_the_rowwise_kernels(dtype, options):
         if getattr(want, name) is not None:
             torch.testing.assert_close(getattr(got, name).double(), getattr(want, name), rtol=rtol, atol=atol, msg=name)
 
-    _, alpha, beta, delta = loss_and_coefficients(got, weights, logits.shape[1], options)
-    alpha, beta, delta = scale_coefficients(alpha, beta, delta, weights)
+    _, *coefficients = loss_and_coefficients(got, weights, logits.shape[1], options)
+    alpha, beta, delta = scale_coefficients(*coefficients, weights)
     want_grad = chunk_gradient(
         logits.double(), targets, want.lse, alpha.double(), beta.double(), delta.double(), options
     )
-    got_grad = lce._gradient_inplace(
-        probs.mul_((alpha / row_sum).unsqueeze(1)), logits.clone(), targets, beta, delta, options
-    )
+    got_grad, factor = lce._gradient_inplace(probs, row_sum, logits.clone(), targets, coefficients, weights, options)
     assert got_grad.dtype == acc
+    assert (factor is None) == (options.z_loss > 0 or options.focal_gamma > 0)  # alpha == 1 folds the row factor
+    if factor is not None:
+        got_grad = got_grad * factor.unsqueeze(1)
     torch.testing.assert_close(got_grad.double(), want_grad, rtol=rtol, atol=atol)
 
 

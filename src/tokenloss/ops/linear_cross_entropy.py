@@ -148,51 +148,105 @@ def _statistics_inplace(logits: Tensor, targets: Tensor, options: LossOptions) -
 
 
 def _gradient_inplace(
-    scaled_probs: Tensor,
+    exp_shifted: Tensor,
+    row_sum: Tensor,
     raw_logits: Tensor,
     targets: Tensor,
-    beta: Tensor,
-    delta: Tensor,
+    coefficients: tuple[Tensor, Tensor, Tensor],
+    row_scale: Tensor,
     options: LossOptions,
-) -> Tensor:
-    """Turns ``alpha * softmax`` ``(n, V)`` into the gradient w.r.t. the raw logits, in place.
+) -> tuple[Tensor, Tensor | None]:
+    """Turns ``exp_shifted`` ``(n, V)`` into the gradient w.r.t. the raw logits, in place, up to a row factor.
 
-    Subtracts ``beta * onehot + delta`` and multiplies by the soft-capping derivative
-    ``1 - tanh(x / c) ** 2``, recomputed from ``raw_logits`` (which it then overwrites; only
-    when a softcap is set). Equal to :func:`tokenloss.ops.rowwise.chunk_gradient` (tested).
+    With ``softmax = exp_shifted / row_sum`` and the unscaled coefficients ``(alpha, beta, delta)``
+    of :func:`~tokenloss.ops.rowwise.loss_and_coefficients`, the gradient of row ``i`` is
+    ``row_scale[i] * (alpha * softmax - beta * onehot - delta)`` times the soft-capping derivative
+    ``1 - tanh(x / c) ** 2`` (recomputed from ``raw_logits``, which it then overwrites; only with a
+    softcap). Equal to :func:`tokenloss.ops.rowwise.chunk_gradient` (tested).
+
+    Without z-loss and focal loss ``alpha`` is 1, so the per-row factor ``row_scale / row_sum``
+    commutes out of the ``(n, V)`` buffer: the buffer becomes ``exp_shifted - row_sum * (beta *
+    onehot + delta)`` and the factor is returned, for the caller to apply to the ``(n, D)`` sides of
+    the products instead (one pass over ``(n, V)`` saved). Otherwise the buffer is scaled here.
+
+    Returns:
+        ``(grad, factor)``: the gradient is ``factor[:, None] * grad``; ``factor`` ``(n,)`` or None for 1.
     """
-    grad = scaled_probs
-    grad.scatter_add_(1, targets.unsqueeze(1), -beta.unsqueeze(1))
+    alpha, beta, delta = coefficients
+    if options.z_loss == 0 and options.focal_gamma == 0:  # alpha == 1 (loss_and_coefficients)
+        factor = torch.where(row_scale != 0, row_scale / row_sum, torch.zeros_like(row_scale))
+        onehot, uniform = beta * row_sum, delta * row_sum
+    else:
+        alpha, onehot, uniform = scale_coefficients(alpha, beta, delta, row_scale)
+        exp_shifted.mul_((alpha / row_sum).unsqueeze(1))
+        factor = None
+    grad = exp_shifted
+    grad.scatter_add_(1, targets.unsqueeze(1), -onehot.unsqueeze(1))
     if options.label_smoothing > 0:  # delta = focal * eps / V is exactly 0 otherwise: skip a pass over (n, V)
-        grad.sub_(delta.unsqueeze(1))
+        grad.sub_(uniform.unsqueeze(1))
     if options.softcap is not None:
         if raw_logits.dtype == grad.dtype:
             derivative = raw_logits.div_(options.softcap).tanh_()
         else:
             derivative = torch.tanh(raw_logits.to(grad.dtype) / options.softcap)
         grad.mul_(derivative.square_().neg_().add_(1))
-    return grad
+    return grad, factor
 
 
 class _GradientSink:
     """Where the gradients of one call go: ``(M, D)`` grad_hidden rows, and float32/float64
-    accumulators for grad_weight ``(V, D)`` and grad_bias ``(V,)``, each only if needed."""
+    accumulators for grad_weight ``(V, D)`` and grad_bias ``(V,)``, each only if needed.
+
+    The buffers start uninitialised: every grad_hidden row is written by exactly one chunk, and the
+    first chunk writes grad_weight instead of adding to it (no pass to zero 0.5 GiB at V = 128k).
+    """
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool]) -> None:
         acc = accumulation_dtype(weight.dtype)
-        self.hidden = torch.zeros_like(hidden) if needs[0] else None
-        self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
+        self.hidden = torch.empty_like(hidden) if needs[0] else None
+        self.weight = torch.empty(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
         self.bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs[2] else None
+        self._weight_written = False
 
-    def add_chunk(self, rows: slice, grad_logits: Tensor, grad_lowp: Tensor, hidden: Tensor, weight: Tensor) -> None:
-        """Adds one chunk: ``grad_logits`` ``(n, V)`` in the accumulation dtype, ``grad_lowp`` the
-        same in the input dtype (the same tensor for float32/float64), ``hidden`` ``(n, D)``."""
+    def add_chunk(
+        self, rows: slice, grad: Tensor, factor: Tensor | None, grad_lowp: Tensor | None, hidden: Tensor, weight: Tensor
+    ) -> None:
+        """Adds one chunk whose gradient of the logits is ``factor[:, None] * grad``.
+
+        ``grad`` ``(n, V)`` is in the accumulation dtype; ``grad_lowp`` is the whole gradient
+        (factor applied) in the input dtype for bf16/fp16 inputs, None for float32/float64;
+        ``hidden`` ``(n, D)``; ``factor`` ``(n,)`` or None for 1.
+        """
         if self.hidden is not None:
-            torch.mm(grad_lowp, weight, out=self.hidden[rows])  # (n, D)
+            out = self.hidden[rows]
+            if grad_lowp is not None:
+                torch.mm(grad_lowp, weight, out=out)  # (n, D)
+            else:
+                torch.mm(grad, weight, out=out)
+                if factor is not None:
+                    out.mul_(factor.unsqueeze(1))
+        if self.weight is None and self.bias is None:
+            return
+        scaled_hidden = hidden.to(grad.dtype)
+        if factor is not None:
+            scaled_hidden = scaled_hidden * factor.unsqueeze(1)  # (n, D): cheaper than scaling (n, V)
         if self.weight is not None:
-            self.weight.addmm_(grad_logits.t(), hidden.to(grad_logits.dtype))  # (V, D) += (V, n) @ (n, D)
+            if self._weight_written:
+                self.weight.addmm_(grad.t(), scaled_hidden)  # (V, D) += (V, n) @ (n, D)
+            else:
+                torch.mm(grad.t(), scaled_hidden, out=self.weight)
+                self._weight_written = True
         if self.bias is not None:
-            self.bias.add_(grad_logits.sum(dim=0))
+            if factor is None:
+                self.bias.add_(grad.sum(dim=0))
+            else:
+                self.bias.addmv_(grad.t(), factor)
+
+    def gradients(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(grad_hidden, grad_weight, grad_bias)`` once every chunk is added (zeros if there were none)."""
+        if self.weight is not None and not self._weight_written:
+            self.weight.zero_()
+        return self.hidden, self.weight, self.bias
 
 
 def _fused_chunks(
@@ -227,13 +281,20 @@ def _fused_chunks(
             out[rows] = value
         if sink is None:
             continue
-        alpha_s, beta_s, delta_s = scale_coefficients(alpha, beta, delta, row_scale[rows])
-        grad = _gradient_inplace(
-            probs.mul_((alpha_s / row_sum).unsqueeze(1)), logits, targets[rows], beta_s, delta_s, options
+        grad, factor = _gradient_inplace(
+            probs, row_sum, logits, targets[rows], (alpha, beta, delta), row_scale[rows], options
         )
-        grad_lowp = grad if grad.dtype == hidden.dtype else logits.copy_(grad)
-        sink.add_chunk(rows, grad, grad_lowp, h, weight)
+        sink.add_chunk(rows, grad, factor, _input_dtype_copy(grad, factor, logits), h, weight)
     return tuple(outputs)
+
+
+def _input_dtype_copy(grad: Tensor, factor: Tensor | None, buffer: Tensor) -> Tensor | None:
+    """For bf16/fp16 inputs, ``factor[:, None] * grad`` cast into the input-dtype ``buffer`` (one pass); else None."""
+    if buffer.dtype == grad.dtype:
+        return None
+    if factor is None:
+        return buffer.copy_(grad)
+    return torch.mul(grad, factor.unsqueeze(1), out=buffer)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -291,7 +352,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     "supported; run the forward again, or use reduction='none' and reduce yourself"
                 )
             ctx.grads = None  # drop our reference so autograd can take the tensors without a copy
-            grads = (sink.hidden, sink.weight, sink.bias)
+            grads = sink.gradients()
             scale = grad_output.reshape(())
             grads = tuple(None if g is None else g.mul_(scale.to(g.dtype)) for g in grads)
         grads = tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
@@ -304,7 +365,6 @@ def _recompute_gradients(ctx, grad_rows: Tensor) -> tuple[Tensor | None, Tensor 
     options, chunk_rows = ctx.options, ctx.chunk_rows
     needs = tuple(ctx.needs_input_grad[:3])
     row_scale = grad_rows.to(weights.dtype) * weights
-    alpha, beta, delta = scale_coefficients(alpha, beta, delta, row_scale)
     sink = _GradientSink(hidden, weight, bias, needs)
     acc = accumulation_dtype(hidden.dtype)
     buffer = hidden.new_empty(min(chunk_rows, hidden.shape[0]), weight.shape[0])
@@ -316,11 +376,13 @@ def _recompute_gradients(ctx, grad_rows: Tensor) -> tuple[Tensor | None, Tensor 
             z = torch.tanh(logits.to(acc) / options.softcap).mul_(options.softcap)
         else:
             z = logits if logits.dtype == acc else logits.to(acc)
-        probs = z.sub_(lse[rows].unsqueeze(1)).exp_().mul_(alpha[rows].unsqueeze(1))
-        grad = _gradient_inplace(probs, logits, targets[rows], beta[rows], delta[rows], options)
-        grad_lowp = grad if grad.dtype == hidden.dtype else logits.copy_(grad)
-        sink.add_chunk(rows, grad, grad_lowp, h, weight)
-    return sink.hidden, sink.weight, sink.bias
+        probs = z.sub_(lse[rows].unsqueeze(1)).exp_()  # the softmax: row sums of 1
+        coefficients = (alpha[rows], beta[rows], delta[rows])
+        grad, factor = _gradient_inplace(
+            probs, torch.ones_like(lse[rows]), logits, targets[rows], coefficients, row_scale[rows], options
+        )
+        sink.add_chunk(rows, grad, factor, _input_dtype_copy(grad, factor, logits), h, weight)
+    return sink.gradients()
 
 
 def _counted_rows(counted: Tensor) -> Tensor | None:
