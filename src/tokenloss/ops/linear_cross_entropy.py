@@ -354,7 +354,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.grads = None  # drop our reference so autograd can take the tensors without a copy
             grads = sink.gradients()
             scale = grad_output.reshape(())
-            grads = tuple(None if g is None else g.mul_(scale.to(g.dtype)) for g in grads)
+            # loss.backward() passes 1: on the CPU, where reading it costs nothing, skip a pass over (V, D)
+            if scale.device.type != "cpu" or scale.item() != 1:
+                grads = tuple(None if g is None else g.mul_(scale.to(g.dtype)) for g in grads)
         grads = tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
         return (*grads, None, None, None, None, None, None)
 
