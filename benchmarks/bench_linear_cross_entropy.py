@@ -14,9 +14,12 @@ untimed warm-up step for ``cce`` only, where ``torch.compile`` compiles); its pe
 the peak RSS during the step (VmHWM, reset just before) minus the RSS before it, minus the bytes
 of the gradients every method must return (grad_hidden and grad_weight).
 
-Time: one process per shape runs the methods round-robin (one warm-up round, then ``--repeats``
-rounds), so that the load of a shared machine hits every method alike; the median is reported
-with the min-max, and ``x floor`` is the ratio of medians from that same process.
+Time: one process per shape runs the methods in interleaved rounds (one warm-up round, then
+``--repeats`` rounds, the order rotated each round), so that the load of a shared machine hits
+every method alike. Reported: the median seconds with the min-max, and ``x floor``, the median
+over the rounds of the method's time divided by the floor's time *in the same round* (with the
+min-max of those ratios): the machine's speed drifts between rounds, a ratio within one round
+mostly cancels that drift.
 
 Run (heavy: about 30 min for the default shapes on 2 busy cores; hold the heavy-job lock)::
 
@@ -105,7 +108,12 @@ def memory_worker(method: str, shape: tuple[int, int, int], threads: int, chunk_
 
 
 def time_worker(methods: list[str], shape: tuple[int, int, int], repeats: int, threads: int, chunk_size) -> dict:
-    """Times the methods round-robin in this process: ``{method: [seconds per step]}``."""
+    """Times the methods in interleaved rounds in this process: ``{method: [seconds per step]}``.
+
+    Round 0 warms up (and compiles cce) and is not recorded. Each round runs every method once, in
+    an order rotated by one place per round, so that no method always follows the same one (naive
+    frees 2.5 GB just before whichever runs after it).
+    """
     import torch
 
     torch.set_num_threads(threads)
@@ -113,13 +121,23 @@ def time_worker(methods: list[str], shape: tuple[int, int, int], repeats: int, t
     steps = {method: _step_fn(method, chunk_size) for method in methods}
     times: dict[str, list[float]] = {method: [] for method in methods}
     for round_ in range(repeats + 1):
-        for method, step in steps.items():
+        shift = round_ % len(methods)
+        for method in methods[shift:] + methods[:shift]:
             hidden.grad = weight.grad = None
             start = time.perf_counter()
-            step(hidden, weight, targets)
-            if round_ > 0:  # round 0 warms up (and compiles cce)
+            steps[method](hidden, weight, targets)
+            if round_ > 0:
                 times[method].append(time.perf_counter() - start)
     return times
+
+
+def floor_ratios(times: dict[str, list[float]], method: str) -> list[float]:
+    """Per round, ``method``'s time over the floor's time in the same round.
+
+    On a shared machine the speed drifts by 20% or more between rounds; a ratio taken within one
+    round cancels most of that drift, so the median of these ratios is the figure reported.
+    """
+    return [t / f for t, f in zip(times[method], times["floor"])]
 
 
 def _run_worker(args, *extra: str) -> dict:
@@ -142,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="NxDxV, e.g. 4096x512x32000")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per row (median reported)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per shape (medians reported)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=None, help="tokenloss rows per chunk (default: auto)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
@@ -160,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     results = []
-    print(f"float32, CPU, {args.threads} threads, median of {args.repeats} round-robin steps\n")
+    print(f"float32, CPU, {args.threads} threads, {args.repeats} interleaved rounds (order rotated each round)")
+    print("x floor: median (min-max) over the rounds of the time over the floor's time in the same round\n")
     print("| (N, D, V) | method | median s (min-max) | x floor | peak extra MiB | % of naive |")
     print("|" + "---|" * 6, flush=True)
     for shape in args.shapes:
@@ -168,7 +187,6 @@ def main(argv: list[str] | None = None) -> None:
         timing_args = ("--time-worker", "--shapes", shape, "--repeats", str(args.repeats), "--methods", *args.methods)
         times = _run_worker(args, *timing_args)
         results.append({"shape": shape, "memory": memory, "times": times})
-        floor = statistics.median(times["floor"]) if "floor" in times else None
         naive = memory.get("naive", {}).get("extra_bytes")
         label = f"({shape.replace('x', ', ')})"
         for method in args.methods:
@@ -176,8 +194,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"| {label} | {method} | timing failed: {times['error']} | | | |")
                 continue
             med = statistics.median(times[method])
-            ratio = f"{med / floor:.2f}" if floor else "-"
             spread = f"{min(times[method]):.2f}-{max(times[method]):.2f}"
+            ratio = "-"
+            if "floor" in times:
+                ratios = floor_ratios(times, method)
+                ratio = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
             mem = memory[method]
             if "error" in mem:
                 mem_cells = f"failed: {mem['error']} | -"

@@ -399,6 +399,46 @@ def linear_non_finite_ignored_row(rank: int, world: int) -> None:
     assert torch.count_nonzero(leaf_hidden.grad[1]) == 0
 
 
+@case
+def linear_drops_rows_that_do_not_count(rank: int, world: int) -> None:
+    """Rows that are ignored or masked never reach a product: 3 counted rows of 10 give 3 rows of logits
+    in the forward and 3 in the backward, and an (3, D) hidden-gradient all_reduce, with the exact result."""
+    import tokenloss.distributed as tld
+
+    sizes = split_sizes(9, world, "even")
+    cols = column_range(sizes, rank)
+    gen = torch.Generator().manual_seed(14)
+    hidden, weight = torch.randn(10, 6, generator=gen), torch.randn(9, 6, generator=gen)
+    targets = torch.tensor([0, -100, 8, -100, -100, 4, -100, -100, 2, -100])
+    mask = torch.ones(10, dtype=torch.bool)
+    mask[8] = False  # counted rows: 0, 2, 5
+    keep = (targets != -100) & mask
+    ref_hidden, ref_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    expected = tl.cross_entropy(ref_hidden @ ref_weight.t(), targets, mask=mask)
+    expected.backward()
+    rows_seen = []
+    original = tld._logits_chunk
+
+    def spy(chunk_hidden, *args):
+        rows_seen.append(chunk_hidden.shape[0])
+        return original(chunk_hidden, *args)
+
+    tld._logits_chunk = spy
+    try:
+        leaf_hidden, shard = hidden.clone().requires_grad_(), weight[cols].clone().requires_grad_()
+        with record_collectives() as calls:
+            got = vocab_parallel_linear_cross_entropy(leaf_hidden, shard, targets, mask=mask)
+            got.backward()
+    finally:
+        tld._logits_chunk = original
+    assert sum(rows_seen) == 2 * int(keep.sum()) == 6, rows_seen
+    assert calls[-1] == ("all_reduce", 3 * 6), calls
+    assert_close(got, expected, **TOLERANCES[torch.float32])
+    assert_close(shard.grad, ref_weight.grad[cols], **TOLERANCES[torch.float32])
+    assert_close(leaf_hidden.grad, ref_hidden.grad, **TOLERANCES[torch.float32])
+    assert torch.count_nonzero(leaf_hidden.grad[~keep]) == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Cases: global_num_items (data parallelism, gradient accumulation)
 # ---------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from tokenloss.ops.cross_entropy import rows_per_chunk
+from tokenloss.ops.linear_cross_entropy import counted_row_index
 from tokenloss.ops.linear_cross_entropy import rows_per_chunk as linear_rows_per_chunk
 from tokenloss.ops.rowwise import (
     RowStatistics,
@@ -546,21 +547,31 @@ def vocab_parallel_linear_cross_entropy(
     )
     layout = shard_layout(local_size, vocab_sizes, group, hidden.device)
     local_targets, in_shard = _localize_targets(prepared, layout, options)
+    flat_hidden, weights, counted = hidden.reshape(-1, dim), prepared.weights, prepared.counted
+    # Rows that do not count never reach a product. The targets are the same on every rank, so
+    # every rank keeps the same rows and the collectives stay matched.
+    index = counted_row_index(counted)
+    if index is not None:
+        flat_hidden = flat_hidden.index_select(0, index)
+        local_targets, in_shard = local_targets.index_select(0, index), in_shard.index_select(0, index)
+        weights, counted = weights.index_select(0, index), counted.index_select(0, index)
     n_rows = local_targets.shape[0]
     rows = VocabParallelLinearCrossEntropyFunction.apply(
-        hidden.reshape(-1, dim),
+        flat_hidden,
         weight_shard,
         bias_shard,
         local_targets,
         in_shard,
-        prepared.weights,
-        prepared.counted,
+        weights,
+        counted,
         layout.vocab_size,
         options,
         # Few large chunks: each chunk streams the whole (V_local, D) weight and its gradient.
         linear_rows_per_chunk(n_rows, local_size, chunk_size=chunk_size, device=hidden.device),
         group,
     )
+    if index is not None:
+        rows = rows.new_zeros(prepared.counted.shape[0]).index_copy(0, index, rows)
     return prepared.reduce(rows, reduction)
 
 

@@ -387,7 +387,7 @@ def _recompute_gradients(ctx, grad_rows: Tensor) -> tuple[Tensor | None, Tensor 
     return sink.gradients()
 
 
-def _counted_rows(counted: Tensor) -> Tensor | None:
+def counted_row_index(counted: Tensor) -> Tensor | None:
     """Indices ``(M,)`` of the rows that count, or None when all do (then nothing is copied).
 
     One host sync on CUDA (``nonzero`` must know M to size its result).
@@ -421,7 +421,7 @@ def linear_cross_entropy_loss(
         row does not count.
     """
     n_rows = hidden.shape[0]
-    index = _counted_rows(prepared.counted)
+    index = counted_row_index(prepared.counted)
     rows_hidden, targets, weights = hidden, prepared.targets, prepared.weights
     if index is not None:
         rows_hidden = hidden.index_select(0, index)  # (M, D): dropped rows never reach a product
