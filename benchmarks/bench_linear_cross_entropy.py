@@ -6,6 +6,8 @@ all-counted targets. Methods:
 - ``naive``: ``F.cross_entropy(hidden @ weight.T, targets)`` and autograd;
 - ``floor``: the three matrix products any exact method does (logits, grad_hidden, grad_weight), alone;
 - ``tokenloss``: :func:`tokenloss.linear_cross_entropy` (default chunk rule unless ``--chunk-size``);
+  ``tokenloss:ROWS`` (e.g. ``tokenloss:1024``) the same with ``chunk_size=ROWS``, to show the
+  trade-off between the chunk's memory and the time;
 - ``cce``: Apple's Cut Cross-Entropy ``linear_cross_entropy(..., impl="torch_compile")``
   (``pip install cut-cross-entropy``; its Triton kernels need a GPU, its torch.compile path runs here).
 
@@ -59,8 +61,11 @@ def _step_fn(method: str, chunk_size: int | None):
                 hidden.grad = logits @ weight  # (N, D)
                 weight.grad = logits.T @ hidden  # (V, D)
 
-    elif method == "tokenloss":
+    elif method.startswith("tokenloss"):
         import tokenloss as tl
+
+        if method != "tokenloss":  # "tokenloss:ROWS" fixes the chunk size
+            chunk_size = int(method.partition(":")[2])
 
         def step(hidden, weight, targets):
             tl.linear_cross_entropy(hidden, weight, targets, chunk_size=chunk_size).backward()
@@ -151,6 +156,14 @@ def _run_worker(args, *extra: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _method(text: str) -> str:
+    """argparse type of ``--methods``: a name of METHODS or ``tokenloss:ROWS``."""
+    name, colon, rows = text.partition(":")
+    if text in METHODS or (name == "tokenloss" and colon and rows.isdigit() and int(rows) > 0):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: expected one of {', '.join(METHODS)} or tokenloss:ROWS")
+
+
 def _parse_shape(text: str) -> tuple[int, int, int]:
     n, d, v = (int(part) for part in text.lower().split("x"))
     return n, d, v
@@ -159,7 +172,13 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="NxDxV, e.g. 4096x512x32000")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        type=_method,
+        help=f"any of {', '.join(METHODS)}, or tokenloss:ROWS for tokenloss with chunk_size=ROWS",
+    )
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per shape (medians reported)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=None, help="tokenloss rows per chunk (default: auto)")

@@ -25,6 +25,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
         raise ValueError("impl='triton' needs the triton package: pip install 'tokenloss[triton]'")
     return impl
 
+
 from tokenloss.ops.cross_entropy import cross_entropy_rows  # noqa: E402
 from tokenloss.ops.linear_cross_entropy import linear_cross_entropy_loss  # noqa: E402
 
