@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tokenloss as tl
 from tokenloss.ops import linear_cross_entropy as lce
 from tokenloss.ops.rowwise import chunk_gradient, chunk_statistics, loss_and_coefficients, scale_coefficients
 from tokenloss.options import LossOptions, prepare_targets
@@ -95,8 +97,8 @@ def test_chunk_rule_rejects_bad_chunk_size(bad):
         lce.rows_per_chunk(10, 10, chunk_size=bad)
 
 
-def _prepared(targets, options, **kwargs):
-    return prepare_targets(tuple(targets.shape), targets, 11, options, **kwargs)
+def _prepared(targets, options, vocab_size=11, **kwargs):
+    return prepare_targets(tuple(targets.shape), targets, vocab_size, options, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -149,6 +151,36 @@ def test_none_returns_zero_for_rows_that_do_not_count():
     rows = lce.linear_cross_entropy_loss(torch.randn(4, 3), torch.randn(11, 3), None, _prepared(targets, opts), opts)
     assert rows.shape == (4,) and rows.dtype == torch.float32
     assert rows[1].item() == 0.0 and rows[3].item() == 0.0 and (rows[[0, 2]] > 0).all()
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mkl-mm"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_both_logits_products_equal_the_unfused_loss(monkeypatch, onednn, reduction, bias):
+    """float32 CPU chunks get their logits from oneDNN's linear (fresh tensor per chunk) or from
+    torch.mm into one buffer (TOKENLOSS_ONEDNN=0); both give the unfused loss and gradients."""
+    monkeypatch.setenv("TOKENLOSS_ONEDNN", "1" if onednn else "0")
+    if onednn and lce._onednn_linear() is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    probe = torch.empty(1, 1)
+    assert lce._uses_onednn(probe) == onednn
+    assert (lce._logits_buffer(probe, torch.empty(5, 1), 1) is None) == onednn
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(11, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(37, 8, generator=gen, requires_grad=True)
+    b = torch.randn(37, generator=gen, requires_grad=True) if bias else None
+    targets = torch.randint(0, 37, (11,), generator=gen)
+    opts = LossOptions(reduction=reduction, label_smoothing=0.1)
+    fused = lce.linear_cross_entropy_loss(hidden, weight, b, _prepared(targets, opts, 37), opts, chunk_size=4)
+    leaves = [t for t in (hidden, weight, b) if t is not None]
+    upstream = torch.linspace(0.5, 1.5, 11) if reduction == "none" else torch.tensor(1.0)
+    got = torch.autograd.grad(fused, leaves, upstream)
+    logits = hidden @ weight.t() if b is None else torch.addmm(b, hidden, weight.t())
+    unfused = tl.cross_entropy(logits, targets, reduction=reduction, label_smoothing=0.1)
+    want = torch.autograd.grad(unfused, leaves, upstream)
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6)
+    for name, g, w in zip(("hidden", "weight", "bias"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_second_backward_raises_clear_error():
@@ -223,10 +255,15 @@ _PEAK_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read peak RSS")
-def test_never_allocates_an_n_by_v_tensor():
-    """Peak RSS growth of a fused step with N x V = 512 MiB of float32 logits stays far below N x V."""
+@pytest.mark.parametrize("onednn", ["1", "0"], ids=["onednn", "mkl-mm"])
+def test_never_allocates_an_n_by_v_tensor(onednn):
+    """Peak RSS growth of a fused step with N x V = 512 MiB of float32 logits stays far below N x V,
+    and below two chunks, whichever product computes the logits (a fresh tensor per chunk or one buffer)."""
     chunk = 256
-    proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(chunk)], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "TOKENLOSS_ONEDNN": onednn}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(chunk)], capture_output=True, text=True, timeout=120, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     growth = int(proc.stdout.split()[-1])
     n_by_v = 4096 * 32768 * 4
