@@ -136,13 +136,49 @@ def time_worker(methods: list[str], shape: tuple[int, int, int], repeats: int, t
     return times
 
 
-def floor_ratios(times: dict[str, list[float]], method: str) -> list[float]:
-    """Per round, ``method``'s time over the floor's time in the same round.
+def round_ratios(times: dict[str, list[float]], method: str, baseline: str = "floor") -> list[float]:
+    """Per round, ``method``'s time over ``baseline``'s time in the same round.
 
     On a shared machine the speed drifts by 20% or more between rounds; a ratio taken within one
     round cancels most of that drift, so the median of these ratios is the figure reported.
     """
-    return [t / f for t, f in zip(times[method], times["floor"])]
+    return [t / b for t, b in zip(times[method], times[baseline])]
+
+
+def _ratio_cell(times: dict[str, list[float]], method: str, baseline: str) -> str:
+    """``median (min-max)`` of the per-round ratios ``method / baseline``, or ``-``."""
+    if baseline not in times:
+        return "-"
+    ratios = round_ratios(times, method, baseline)
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def _print_header(threads: int, repeats: int) -> None:
+    print(f"float32, CPU, {threads} threads, {repeats} interleaved rounds (order rotated each round)")
+    print("x floor, x cce: median (min-max) over the rounds of the time over that method's time in the same round\n")
+    print("| (N, D, V) | method | median s (min-max) | x floor | x cce | peak extra MiB | % of naive |")
+    print("|" + "---|" * 7, flush=True)
+
+
+def print_table(result: dict, methods: list[str]) -> None:
+    """Prints the rows of one shape's result (``{"shape", "memory", "times"}``)."""
+    memory, times = result["memory"], result["times"]
+    naive = memory.get("naive", {}).get("extra_bytes")
+    label = f"({result['shape'].replace('x', ', ')})"
+    for method in methods:
+        if "error" in times:
+            print(f"| {label} | {method} | timing failed: {times['error']} | | | | |")
+            continue
+        med = statistics.median(times[method])
+        spread = f"{min(times[method]):.2f}-{max(times[method]):.2f}"
+        ratios = f"{_ratio_cell(times, method, 'floor')} | {_ratio_cell(times, method, 'cce')}"
+        mem = memory[method]
+        if "error" in mem:
+            mem_cells = f"failed: {mem['error']} | -"
+        else:
+            share = f"{100 * mem['extra_bytes'] / naive:.1f}%" if naive else "-"
+            mem_cells = f"{mem['extra_bytes'] / 2**20:.0f} | {share}"
+        print(f"| {label} | {method} | {med:.2f} ({spread}) | {ratios} | {mem_cells} |", flush=True)
 
 
 def _run_worker(args, *extra: str) -> dict:
@@ -183,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=None, help="tokenloss rows per chunk (default: auto)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    parser.add_argument("--render", type=Path, default=None, help="print the table of a --json file, run nothing")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--time-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -196,35 +233,21 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(time_worker(args.methods, shape, args.repeats, args.threads, args.chunk_size)))
         return
 
+    if args.render is not None:  # re-print a saved run's table
+        saved = json.loads(args.render.read_text())
+        _print_header(args.threads, len(next(iter(saved[0]["times"].values()))))
+        for result in saved:
+            print_table(result, list(result["memory"]))
+        return
     results = []
-    print(f"float32, CPU, {args.threads} threads, {args.repeats} interleaved rounds (order rotated each round)")
-    print("x floor: median (min-max) over the rounds of the time over the floor's time in the same round\n")
-    print("| (N, D, V) | method | median s (min-max) | x floor | peak extra MiB | % of naive |")
-    print("|" + "---|" * 6, flush=True)
+    _print_header(args.threads, args.repeats)
     for shape in args.shapes:
         memory = {method: _run_worker(args, "--memory-worker", method, "--shapes", shape) for method in args.methods}
         timing_args = ("--time-worker", "--shapes", shape, "--repeats", str(args.repeats), "--methods", *args.methods)
         times = _run_worker(args, *timing_args)
-        results.append({"shape": shape, "memory": memory, "times": times})
-        naive = memory.get("naive", {}).get("extra_bytes")
-        label = f"({shape.replace('x', ', ')})"
-        for method in args.methods:
-            if "error" in times:
-                print(f"| {label} | {method} | timing failed: {times['error']} | | | |")
-                continue
-            med = statistics.median(times[method])
-            spread = f"{min(times[method]):.2f}-{max(times[method]):.2f}"
-            ratio = "-"
-            if "floor" in times:
-                ratios = floor_ratios(times, method)
-                ratio = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
-            mem = memory[method]
-            if "error" in mem:
-                mem_cells = f"failed: {mem['error']} | -"
-            else:
-                share = f"{100 * mem['extra_bytes'] / naive:.1f}%" if naive else "-"
-                mem_cells = f"{mem['extra_bytes'] / 2**20:.0f} | {share}"
-            print(f"| {label} | {method} | {med:.2f} ({spread}) | {ratio} | {mem_cells} |", flush=True)
+        result = {"shape": shape, "memory": memory, "times": times}
+        results.append(result)
+        print_table(result, args.methods)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
 

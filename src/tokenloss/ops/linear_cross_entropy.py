@@ -4,13 +4,15 @@ For hidden states ``h`` ``(N, D)``, an LM head ``W`` ``(V, D)`` and an optional 
 the logits ``h @ W.T + b`` take ``N * V`` numbers. This module walks the rows in chunks of ``n``;
 per chunk it holds one ``(n, V)`` buffer (plus a float32 copy for bf16/fp16 inputs) and:
 
-1. computes the chunk's logits with one matrix product;
+1. computes the chunk's logits with one matrix product (oneDNN's linear for float32 CPU tensors,
+   a fresh tensor per chunk; ``torch.mm`` into one reused buffer otherwise: see :func:`_uses_onednn`);
 2. turns them *in place* into the per-row statistics of :mod:`tokenloss.ops.rowwise` (one
    ``exp`` per element: the row maximum is subtracted, the buffer exponentiated and summed,
    so ``lse = max + log(sum)``) and the coefficients ``alpha, beta, delta`` from
    :func:`~tokenloss.ops.rowwise.loss_and_coefficients` (the shared per-row math);
 3. turns the same buffer into the gradient of the logits ``alpha * softmax - beta * onehot - delta``
-   (times the soft-capping derivative), and
+   (times the soft-capping derivative) up to a per-row factor, which is applied to the ``(n, D)``
+   operands of the next products rather than to the ``(n, V)`` buffer, and
 4. multiplies it into ``grad_hidden`` (one product) and adds it into ``grad_weight`` (one product).
 
 Rows that do not count (ignored or masked) are dropped *before* the products (an
