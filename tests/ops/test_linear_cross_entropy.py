@@ -183,6 +183,29 @@ def test_both_logits_products_equal_the_unfused_loss(monkeypatch, onednn, reduct
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_works_inside_torch_compile(backend):
+    """A compiled function that calls the fused loss gives the eager loss and gradients (Inductor
+    included: the oneDNN product, which it cannot lower, is left out while compiling)."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, 5, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(40, 8, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 40, (3, 5), generator=gen)
+
+    def step(h, w, t):
+        return tl.linear_cross_entropy(torch.tanh(h), w, t, shift=True, z_loss=1e-3, chunk_size=4)
+
+    want = step(hidden, weight, targets)
+    want_grads = torch.autograd.grad(want, (hidden, weight))
+    got = torch.compile(step, backend=backend)(hidden, weight, targets)
+    got_grads = torch.autograd.grad(got, (hidden, weight))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_second_backward_raises_clear_error():
     """Gradients computed in the forward pass are handed out once; a second backward says why it fails."""
     opts = LossOptions()
