@@ -75,3 +75,15 @@ def make_targets() -> Callable[..., torch.Tensor]:
 def generator() -> torch.Generator:
     """A CPU generator seeded with 1234, for tests that draw their own tensors."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared, busy CPU: one intra-op thread avoids OpenMP spin-waits (seconds become ms).
+
+    Test modules of tiny models take it with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,13 +19,7 @@ from tokenloss.scoring import evaluate
 NASTY = 'Tom & "Jerry" <script>alert(1)</script>, it\'s\nnaïve 🙂 <b>bold</b>'
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared, busy CPU: one intra-op thread avoids OpenMP spin-waits (seconds become ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

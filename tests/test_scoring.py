@@ -20,13 +20,7 @@ ALPHABET = "abcdefghij "
 TEXT = "the quick brown fox jumps over the lazy dog; naïve café ✓ 🙂"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared, busy CPU: one intra-op thread avoids OpenMP spin-waits (seconds become ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class BigramLM(CausalLM):

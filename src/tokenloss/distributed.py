@@ -394,8 +394,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         bias: Tensor | None,  # (V_local,) or None
         local_targets: Tensor,  # (N,) int64 column within the slice, 0 where the target is elsewhere
         in_shard: Tensor,  # (N,) bool
-        weights: Tensor,  # (N,) float32, 0 where the row does not count
-        counted: Tensor,  # (N,) bool
+        weights: Tensor,  # (N,) float32; every row counts (the caller drops the others)
         vocab_size: int,  # the whole V
         options: LossOptions,
         chunk_rows: int,
@@ -409,14 +408,12 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             logits = _logits_chunk(hidden[rows], weight, bias)  # (n, V_local), freed after the chunk
             _store(local, rows, chunk_statistics(logits, local_targets[rows], options))
         stats = combine_statistics(local, in_shard, group)
-        zero_skipped_rows = (
-            check_finite_rows(stats.lse, counted, "logits (hidden @ weight.T)") if options.check_inputs else False
-        )
+        if options.check_inputs:
+            check_finite_rows(stats.lse, torch.ones_like(in_shard), "logits (hidden @ weight.T)")
         weights = weights.to(acc)
         loss, alpha, beta, delta = loss_and_coefficients(stats, weights, vocab_size, options)
         ctx.save_for_backward(hidden, weight, bias, local_targets, in_shard, weights, stats.lse, alpha, beta, delta)
         ctx.options, ctx.chunk_rows, ctx.group = options, chunk_rows, group
-        ctx.zero_skipped_rows = zero_skipped_rows
         return loss
 
     @staticmethod
@@ -425,7 +422,6 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         row_scale = grad_loss.to(weights.dtype) * weights
         alpha, beta, delta = scale_coefficients(alpha, beta, delta, row_scale)
-        skipped = (row_scale == 0).unsqueeze(1) if ctx.zero_skipped_rows else None  # (N, 1) bool
         acc = lse.dtype
         grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (N, D)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
@@ -445,15 +441,10 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
                 out=logits if logits.dtype == acc else None,  # in place when possible
             )  # (n, V_local) in acc
             del logits
-            if skipped is not None:  # 0 * exp(NaN) would leak NaN into every gradient
-                grad_logits.masked_fill_(skipped[rows], 0)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(dim=0)
             if grad_weight is not None:
-                chunk_hidden = hidden[rows].to(acc)
-                if skipped is not None:  # 0 * inf in the product would be NaN too
-                    chunk_hidden = chunk_hidden.masked_fill(skipped[rows], 0)
-                grad_weight.addmm_(grad_logits.t(), chunk_hidden)
+                grad_weight.addmm_(grad_logits.t(), hidden[rows].to(acc))
             if grad_hidden is not None:
                 # partial: the contribution of this slice's columns only
                 grad_hidden[rows] = grad_logits.to(hidden.dtype) @ weight
@@ -464,7 +455,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -547,14 +538,14 @@ def vocab_parallel_linear_cross_entropy(
     )
     layout = shard_layout(local_size, vocab_sizes, group, hidden.device)
     local_targets, in_shard = _localize_targets(prepared, layout, options)
-    flat_hidden, weights, counted = hidden.reshape(-1, dim), prepared.weights, prepared.counted
-    # Rows that do not count never reach a product. The targets are the same on every rank, so
-    # every rank keeps the same rows and the collectives stay matched.
-    index = counted_row_index(counted)
+    flat_hidden, weights = hidden.reshape(-1, dim), prepared.weights
+    # Rows that do not count never reach a product (nor their non-finite values a gradient). The
+    # targets are the same on every rank, so every rank keeps the same rows and the collectives match.
+    index = counted_row_index(prepared.counted)
     if index is not None:
         flat_hidden = flat_hidden.index_select(0, index)
         local_targets, in_shard = local_targets.index_select(0, index), in_shard.index_select(0, index)
-        weights, counted = weights.index_select(0, index), counted.index_select(0, index)
+        weights = weights.index_select(0, index)
     n_rows = local_targets.shape[0]
     rows = VocabParallelLinearCrossEntropyFunction.apply(
         flat_hidden,
@@ -563,7 +554,6 @@ def vocab_parallel_linear_cross_entropy(
         local_targets,
         in_shard,
         weights,
-        counted,
         layout.vocab_size,
         options,
         # Few large chunks: each chunk streams the whole (V_local, D) weight and its gradient.

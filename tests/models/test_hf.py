@@ -23,13 +23,7 @@ ZEN = codecs.decode(this.s, "rot13")
 SAMPLE = "Beautiful is better than ugly. Naïve code — 🙂 is fine, too."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared, busy CPU: one intra-op thread avoids OpenMP spin-waits (seconds become ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_tokenizer(arch: str):

@@ -9,14 +9,7 @@ from torch.testing import assert_close
 from tokenloss.models import ByteLM, display_token, load_model, resolve_device, resolve_dtype
 from tokenloss.models.bytegpt import ByteGPT, GPTConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared, busy CPU: one intra-op thread avoids OpenMP spin-waits (seconds become ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_module(seed: int = 0) -> ByteGPT:

@@ -97,6 +97,20 @@ def test_chunk_rule_rejects_bad_chunk_size(bad):
         lce.rows_per_chunk(10, 10, chunk_size=bad)
 
 
+@pytest.fixture
+def gradient_sinks(monkeypatch) -> list:
+    """Every ``_GradientSink`` the fused loss creates during the test, in order."""
+    sinks = []
+    original = lce._GradientSink.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        sinks.append(self)
+
+    monkeypatch.setattr(lce._GradientSink, "__init__", spy)
+    return sinks
+
+
 def _prepared(targets, options, vocab_size=11, **kwargs):
     return prepare_targets(tuple(targets.shape), targets, vocab_size, options, **kwargs)
 
@@ -239,20 +253,12 @@ def test_rows_that_do_not_count_never_reach_a_product(monkeypatch):
     assert hidden.grad[:70].abs().sum() == 0 and hidden.grad[70:].abs().sum() > 0
 
 
-def test_frozen_weight_costs_no_weight_gradient(monkeypatch):
+def test_frozen_weight_costs_no_weight_gradient(gradient_sinks):
     """With a frozen head no (V, D) gradient accumulator is allocated and weight.grad stays None."""
-    sinks = []
-    original = lce._GradientSink.__init__
-
-    def spy(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        sinks.append(self)
-
-    monkeypatch.setattr(lce._GradientSink, "__init__", spy)
     opts = LossOptions()
     hidden, weight = torch.randn(6, 3, requires_grad=True), torch.randn(11, 3)
     lce.linear_cross_entropy_loss(hidden, weight, None, _prepared(torch.arange(6), opts), opts).backward()
-    assert len(sinks) == 1 and sinks[0].weight is None and sinks[0].bias is None
+    assert len(gradient_sinks) == 1 and gradient_sinks[0].weight is None and gradient_sinks[0].bias is None
     assert weight.grad is None and hidden.grad is not None
 
 
@@ -327,18 +333,10 @@ def test_bfloat16_gradients_at_262144_words_no_worse_than_pytorch():
     [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float32)],
     ids=str,
 )
-def test_low_precision_gradients_accumulate_in_float32(monkeypatch, dtype, accumulator):
+def test_low_precision_gradients_accumulate_in_float32(gradient_sinks, dtype, accumulator):
     """bf16/fp16: grad_weight and grad_bias accumulate across chunks in float32; grads come back in the input dtype."""
-    sinks = []
-    original = lce._GradientSink.__init__
-
-    def spy(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        sinks.append(self)
-
-    monkeypatch.setattr(lce._GradientSink, "__init__", spy)
     opts = LossOptions()
     leaves = [torch.randn(*shape).to(dtype).requires_grad_() for shape in ((6, 3), (11, 3), (11,))]
     lce.linear_cross_entropy_loss(*leaves, _prepared(torch.arange(6), opts), opts, chunk_size=2).backward()
-    assert sinks[0].weight.dtype == accumulator and sinks[0].bias.dtype == accumulator
+    assert gradient_sinks[0].weight.dtype == accumulator and gradient_sinks[0].bias.dtype == accumulator
     assert all(leaf.grad.dtype == dtype for leaf in leaves)
