@@ -23,7 +23,7 @@ over the rounds of the method's time divided by the floor's time *in the same ro
 min-max of those ratios): the machine's speed drifts between rounds, a ratio within one round
 mostly cancels that drift.
 
-Run (heavy: about 30 min for the default shapes on 2 busy cores; hold the heavy-job lock)::
+Run (heavy: about 20 min for the default shapes on 2 quiet cores, 30 on busy ones; hold the heavy-job lock)::
 
     flock /tmp/tokenloss-heavy.lock .venv/bin/python benchmarks/bench_linear_cross_entropy.py
     .venv/bin/python benchmarks/bench_linear_cross_entropy.py --shapes 1024x256x8000 --repeats 3  # quick
