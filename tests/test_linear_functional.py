@@ -223,7 +223,7 @@ def test_module_and_function_take_the_same_options_in_the_same_order():
         ({"bias": torch.ones(V + 1)}, ValueError, r"bias must have shape \(V,\)"),
         ({"bias": torch.ones(V, dtype=torch.bfloat16)}, TypeError, "bias must have the dtype of hidden"),
         ({"bias": [0.0] * V}, TypeError, "bias must be a torch.Tensor"),
-        ({"targets": torch.zeros(4, dtype=torch.long)}, ValueError, "the hidden' shape"),
+        ({"targets": torch.zeros(4, dtype=torch.long)}, ValueError, "the shape of hidden without its last dimension"),
         ({"targets": torch.full((3,), V)}, ValueError, r"targets must be in \[0, 13\)"),
         ({"shift": True}, ValueError, r"shift=True needs hidden shaped \(..., T, D\)"),
         ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),

@@ -180,7 +180,7 @@ def prepare_targets(
         raise TypeError(f"targets must be an integer tensor (int64 class indices), got {targets.dtype}")
     if tuple(targets.shape) != tuple(leading_shape):
         raise ValueError(
-            f"targets must have shape {tuple(leading_shape)} (the {input_name}' shape without its last "
+            f"targets must have shape {tuple(leading_shape)} (the shape of {input_name} without its last "
             f"dimension), got {tuple(targets.shape)}"
         )
     if mask is not None:
