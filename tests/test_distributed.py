@@ -466,7 +466,7 @@ def num_items_global_count(rank: int, world: int) -> None:
         with_mask = sum(int(((t != -100) & m)[..., int(shift) :].sum()) for _, t, m in everyone)
         got = global_num_items(*[t for _, t, _ in micro], mask=[m for _, _, m in micro], shift=shift)
         assert int(got) == with_mask
-        prepared = [prepare_targets(t.shape, t, 7, LossOptions(), mask=m, shift=shift) for _, t, m in micro]
+        prepared = [prepare_targets(t.shape, t, 7, LossOptions(shift=shift), mask=m) for _, t, m in micro]
         assert int(global_num_items(*prepared)) == with_mask
 
 

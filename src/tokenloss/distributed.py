@@ -53,19 +53,28 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from tokenloss.ops.cross_entropy import rows_per_chunk
-from tokenloss.ops.linear_cross_entropy import counted_row_index
-from tokenloss.ops.linear_cross_entropy import rows_per_chunk as linear_rows_per_chunk
+from tokenloss.ops.cross_entropy import plain_chunk_rows
+from tokenloss.ops.linear_cross_entropy import counted_row_index, fused_chunk_rows
 from tokenloss.ops.rowwise import (
     RowStatistics,
     accumulation_dtype,
     check_finite_rows,
     chunk_gradient,
     chunk_statistics,
+    chunked_statistics,
+    finite_shift,
     loss_and_coefficients,
     scale_coefficients,
 )
-from tokenloss.options import LossOptions, PreparedTargets, check_linear_inputs, check_logits, prepare_targets
+from tokenloss.options import (
+    LossOptions,
+    PreparedTargets,
+    check_linear_inputs,
+    check_logits,
+    check_target_range,
+    prepare_targets,
+    takes_loss_options,
+)
 
 __all__ = [
     "default_backend",
@@ -155,15 +164,14 @@ def _localize_targets(prepared: PreparedTargets, layout: ShardLayout, options: L
         is elsewhere) and ``(N,)`` bool, True where this rank holds the target's column.
     """
     targets = prepared.targets  # (N,) global ids, 0 where the row does not count
-    vocab_size = layout.vocab_size
-    if options.check_inputs and targets.numel() > 0:
-        bad = prepared.counted & ((targets < 0) | (targets >= vocab_size))
-        if bool(bad.any()):
-            value = int(targets[bad][0])
-            raise ValueError(
-                f"targets must be in [0, {vocab_size}) (the whole vocabulary over all shards) or equal "
-                f"ignore_index={options.ignore_index}; found {value} at {int(bad.sum())} position(s)"
-            )
+    if options.check_inputs:
+        check_target_range(
+            targets,
+            prepared.counted,
+            layout.vocab_size,
+            options.ignore_index,
+            " (the whole vocabulary over all shards)",
+        )
     local = targets - layout.offset
     in_shard = (local >= 0) & (local < layout.local_size)
     return torch.where(in_shard, local, torch.zeros_like(local)), in_shard
@@ -183,9 +191,7 @@ def combine_statistics(local: RowStatistics, in_shard: Tensor, group) -> RowStat
     """
     row_max = local.lse.clone()  # (N,)
     dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)  # collective 1: N numbers
-    # A row that is -inf everywhere (or +inf somewhere) has no finite max to subtract; use 0
-    # so that the sum below yields -inf (or +inf) instead of NaN, as logsumexp on one device.
-    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    shift = finite_shift(row_max)  # a row that is -inf everywhere or +inf somewhere: +-inf, not NaN
     columns = [
         torch.exp(local.lse - shift),
         torch.where(in_shard, local.target_logit, torch.zeros_like(local.target_logit)),
@@ -221,12 +227,15 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         chunk_rows: int,
         group,
     ) -> Tensor:
-        n_rows = logits.shape[0]
         acc = accumulation_dtype(logits.dtype)
-        local = _empty_statistics(n_rows, acc, logits.device, options)
-        for start in range(0, n_rows, chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            _store(local, rows, chunk_statistics(logits[rows], local_targets[rows], options))
+        local = chunked_statistics(
+            logits.shape[0],
+            chunk_rows,
+            options,
+            acc,
+            logits.device,
+            lambda rows: chunk_statistics(logits[rows], local_targets[rows], options),
+        )
         stats = combine_statistics(local, in_shard, group)
         # True when a row that does not count is non-finite: its gradient must be zeroed explicitly.
         zero_skipped_rows = check_finite_rows(stats.lse, counted, "logits") if options.check_inputs else False
@@ -261,38 +270,17 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None
 
 
-def _empty_statistics(n_rows: int, dtype: torch.dtype, device: torch.device, options: LossOptions) -> RowStatistics:
-    def empty() -> Tensor:
-        return torch.empty(n_rows, dtype=dtype, device=device)
-
-    return RowStatistics(empty(), empty(), empty() if options.label_smoothing > 0 else None)
-
-
-def _store(into: RowStatistics, rows: slice, chunk: RowStatistics) -> None:
-    into.lse[rows] = chunk.lse
-    into.target_logit[rows] = chunk.target_logit
-    if into.logit_sum is not None:
-        into.logit_sum[rows] = chunk.logit_sum
-
-
+@takes_loss_options
 def vocab_parallel_cross_entropy(
     logits_shard: Tensor,
     targets: Tensor,
     *,
     group: dist.ProcessGroup | None = None,
     vocab_sizes: Sequence[int] | None = None,
-    ignore_index: int = -100,
     mask: Tensor | None = None,
-    shift: bool = False,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    focal_gamma: float = 0.0,
     token_weights: Tensor | None = None,
     num_items: int | float | Tensor | None = None,
-    check_inputs: bool = True,
-    chunk_size: int | None = None,
+    options: LossOptions,
 ) -> Tensor:
     """:func:`tokenloss.cross_entropy` of logits whose vocabulary is split over the ranks of ``group``.
 
@@ -308,10 +296,9 @@ def vocab_parallel_cross_entropy(
         group: the tensor-parallel process group (None: the default group).
         vocab_sizes: ``V_local`` of every rank in rank order; None discovers them with one
             ``all_gather``. Give them to save that collective when they are known.
-        ignore_index, mask, shift, reduction, label_smoothing, z_loss, softcap, focal_gamma,
-        token_weights, num_items, check_inputs, chunk_size: as in :func:`tokenloss.cross_entropy`;
-            label smoothing, z-loss and soft-capping act on the whole vocabulary, exactly as on one
-            device.
+        mask, token_weights, num_items: as in :func:`tokenloss.cross_entropy`.
+        **options: the loss options listed below, as in :func:`tokenloss.cross_entropy`; label
+            smoothing, z-loss and soft-capping act on the whole vocabulary, exactly as on one device.
 
     Returns:
         A float32 scalar for ``"mean"``/``"sum"``; a float32 tensor shaped like ``targets`` (after
@@ -328,18 +315,7 @@ def vocab_parallel_cross_entropy(
             loss = vocab_parallel_cross_entropy(logits[:, lo:hi], targets)  # == tl.cross_entropy(logits, targets)
             loss.backward()                                                 # grad of logits[:, lo:hi]
     """
-    options = LossOptions(
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        focal_gamma=focal_gamma,
-        check_inputs=check_inputs,
-    )
     check_logits(logits_shard, "logits_shard")
-    if shift and logits_shard.ndim < 2:
-        raise ValueError(f"shift=True needs logits_shard shaped (..., T, V_local), got {tuple(logits_shard.shape)}")
     local_size = logits_shard.shape[-1]
     prepared = prepare_targets(
         tuple(logits_shard.shape[:-1]),
@@ -347,7 +323,6 @@ def vocab_parallel_cross_entropy(
         None,  # the range is checked against the whole V below
         options,
         mask=mask,
-        shift=shift,
         token_weights=token_weights,
         num_items=num_items,
         input_name="logits_shard",
@@ -362,10 +337,10 @@ def vocab_parallel_cross_entropy(
         prepared.counted,
         layout.vocab_size,
         options,
-        rows_per_chunk(local_size, chunk_size),
+        plain_chunk_rows(local_size, options.chunk_size),
         group,
     )
-    return prepared.reduce(rows, reduction)
+    return prepared.reduce(rows, options.reduction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,13 +375,16 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         chunk_rows: int,
         group,
     ) -> Tensor:
-        n_rows = hidden.shape[0]
         acc = accumulation_dtype(hidden.dtype)
-        local = _empty_statistics(n_rows, acc, hidden.device, options)
-        for start in range(0, n_rows, chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            logits = _logits_chunk(hidden[rows], weight, bias)  # (n, V_local), freed after the chunk
-            _store(local, rows, chunk_statistics(logits, local_targets[rows], options))
+        local = chunked_statistics(
+            hidden.shape[0],
+            chunk_rows,
+            options,
+            acc,
+            hidden.device,
+            # (n, V_local) logits, freed after the chunk
+            lambda rows: chunk_statistics(_logits_chunk(hidden[rows], weight, bias), local_targets[rows], options),
+        )
         stats = combine_statistics(local, in_shard, group)
         if options.check_inputs:
             check_finite_rows(stats.lse, torch.ones_like(in_shard), "logits (hidden @ weight.T)")
@@ -458,6 +436,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
+@takes_loss_options
 def vocab_parallel_linear_cross_entropy(
     hidden: Tensor,
     weight_shard: Tensor,
@@ -466,18 +445,10 @@ def vocab_parallel_linear_cross_entropy(
     bias_shard: Tensor | None = None,
     group: dist.ProcessGroup | None = None,
     vocab_sizes: Sequence[int] | None = None,
-    ignore_index: int = -100,
     mask: Tensor | None = None,
-    shift: bool = False,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    focal_gamma: float = 0.0,
     token_weights: Tensor | None = None,
     num_items: int | float | Tensor | None = None,
-    check_inputs: bool = True,
-    chunk_size: int | None = None,
+    options: LossOptions,
 ) -> Tensor:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` with the LM head's rows split over the ranks.
 
@@ -498,11 +469,11 @@ def vocab_parallel_linear_cross_entropy(
         targets: ``(...)`` integer ids in the whole vocabulary ``[0, V)``, the same on every rank.
         bias_shard: optional ``(V_local,)``.
         group, vocab_sizes: as in :func:`vocab_parallel_cross_entropy`.
-        ignore_index, mask, shift, reduction, label_smoothing, z_loss, softcap, focal_gamma,
-        token_weights, num_items, check_inputs: as in :func:`tokenloss.cross_entropy`.
-        chunk_size: rows per chunk; None: as :func:`tokenloss.linear_cross_entropy` (about N / 5
-            rows, at most 256 MiB of float32 logits of the slice): each chunk streams the whole
-            weight slice and its gradient, so few large chunks are faster.
+        mask, token_weights, num_items: as in :func:`tokenloss.cross_entropy`.
+        **options: the loss options listed below. ``chunk_size=None`` chunks as
+            :func:`tokenloss.linear_cross_entropy` does (about N / 5 rows, at most 256 MiB of float32
+            logits of the slice): each chunk streams the whole weight slice and its gradient, so few
+            large chunks are faster.
 
     Returns:
         As :func:`vocab_parallel_cross_entropy`.
@@ -512,18 +483,7 @@ def vocab_parallel_linear_cross_entropy(
         TypeError: non-float ``hidden``, ``weight_shard`` or ``bias_shard`` of another dtype.
         ValueError: shapes that do not agree, plus the errors of :func:`vocab_parallel_cross_entropy`.
     """
-    options = LossOptions(
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        focal_gamma=focal_gamma,
-        check_inputs=check_inputs,
-    )
     check_linear_inputs(hidden, weight_shard, bias_shard, weight_name="weight_shard", bias_name="bias_shard")
-    if shift and hidden.ndim < 2:
-        raise ValueError(f"shift=True needs hidden shaped (..., T, D), got {tuple(hidden.shape)}")
     local_size, dim = weight_shard.shape
     prepared = prepare_targets(
         tuple(hidden.shape[:-1]),
@@ -531,7 +491,6 @@ def vocab_parallel_linear_cross_entropy(
         None,  # the range is checked against the whole V below
         options,
         mask=mask,
-        shift=shift,
         token_weights=token_weights,
         num_items=num_items,
         input_name="hidden",
@@ -557,12 +516,12 @@ def vocab_parallel_linear_cross_entropy(
         layout.vocab_size,
         options,
         # Few large chunks: each chunk streams the whole (V_local, D) weight and its gradient.
-        linear_rows_per_chunk(n_rows, local_size, chunk_size=chunk_size, device=hidden.device),
+        fused_chunk_rows(n_rows, local_size, chunk_size=options.chunk_size, device=hidden.device),
         group,
     )
     if index is not None:
         rows = rows.new_zeros(prepared.counted.shape[0]).index_copy(0, index, rows)
-    return prepared.reduce(rows, reduction)
+    return prepared.reduce(rows, options.reduction)
 
 
 # ---------------------------------------------------------------------------------------------

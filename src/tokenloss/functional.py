@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from tokenloss.ops import resolve_impl
-from tokenloss.options import LossOptions, check_linear_inputs, check_logits, prepare_targets
+from tokenloss.options import LossOptions, check_linear_inputs, check_logits, prepare_targets, takes_loss_options
 
 
 def _rows_module(impl: str, device: torch.device):
@@ -16,24 +16,17 @@ def _rows_module(impl: str, device: torch.device):
     return importlib.import_module("tokenloss.ops.triton" if name == "triton" else "tokenloss.ops")
 
 
+@takes_loss_options
 def cross_entropy(
     logits: Tensor,
     targets: Tensor,
     *,
-    ignore_index: int = -100,
     mask: Tensor | None = None,
-    shift: bool = False,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    focal_gamma: float = 0.0,
     token_weights: Tensor | None = None,
     num_items: int | float | Tensor | None = None,
+    options: LossOptions,
     impl: str = "auto",
     inplace_backward: bool = False,
-    check_inputs: bool = True,
-    chunk_size: int | None = None,
 ) -> Tensor:
     """Cross-entropy of next-token prediction from logits, exact against ``F.cross_entropy``.
 
@@ -49,21 +42,9 @@ def cross_entropy(
     Args:
         logits: ``(..., V)`` float32, bfloat16, float16 or float64.
         targets: ``(...)`` integer class indices, the leading shape of ``logits``.
-        ignore_index: positions whose target equals this do not count.
         mask: optional bool tensor shaped like ``targets``; only positions where it is True
             count (an SFT completion mask). A position counts when its target is not
             ``ignore_index`` and its mask is True.
-        shift: causal-LM shift: logits at position ``t`` predict the target at ``t + 1`` along the
-            sequence dimension (logits' second-to-last, targets' last); mask and token weights
-            shift with the targets, and every count is taken after the shift.
-        reduction: ``"mean"`` (sum over counted positions / their number, or / ``num_items``),
-            ``"sum"``, or ``"none"`` (per-position losses shaped like ``targets`` after the shift,
-            0.0 where a position does not count).
-        label_smoothing: ``eps`` in ``[0, 1]``, mixing the target with the uniform distribution
-            over all V classes (PyTorch's definition).
-        z_loss: coefficient of ``logsumexp(z) ** 2`` added per counted position (PaLM).
-        softcap: if set, logits become ``softcap * tanh(logits / softcap)`` first (Gemma 2).
-        focal_gamma: each counted position's cross-entropy is multiplied by ``(1 - p_t) ** gamma``.
         token_weights: optional float tensor shaped like ``targets``; multiplies each counted
             position's loss (the mean still divides by the number of counted positions).
         num_items: for ``"mean"``, divide the sum by this instead of the local count: the global
@@ -73,13 +54,11 @@ def cross_entropy(
         inplace_backward: write the gradient into ``logits``' storage in the backward pass
             (saves one ``(N, V)`` tensor; ``logits`` is overwritten, so use it only when nothing
             else reads them after the loss).
-        check_inputs: check that counted targets are in ``[0, V)`` and that no counted row of
-            logits holds NaN/inf (each one host sync on CUDA); False skips both.
-        chunk_size: rows per chunk (None: about 2**23 elements per chunk, see :mod:`tokenloss.ops.cross_entropy`).
+        **options: the loss options listed below (``shift``, ``reduction``, ``label_smoothing``, ...).
 
     Returns:
-        A float32 scalar for ``"mean"``/``"sum"``; a float32 tensor shaped like ``targets`` (after
-        the shift) for ``"none"``. A batch where nothing counts gives exactly 0.0 and zero
+        A scalar for ``"mean"``/``"sum"``; a tensor shaped like ``targets`` (after the shift) for
+        ``"none"``. float32, or float64 for float64 logits. A batch where nothing counts gives exactly 0.0 and zero
         gradients.
 
     Raises:
@@ -94,18 +73,7 @@ def cross_entropy(
         >>> round(tl.cross_entropy(logits, torch.tensor([1, 3])).item(), 3)  # log 5
         1.609
     """
-    options = LossOptions(
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        focal_gamma=focal_gamma,
-        check_inputs=check_inputs,
-    )
     check_logits(logits)
-    if shift and logits.ndim < 2:
-        raise ValueError(f"shift=True needs logits shaped (..., T, V), got {tuple(logits.shape)}")
     vocab_size = logits.shape[-1]
     prepared = prepare_targets(
         tuple(logits.shape[:-1]),
@@ -113,7 +81,6 @@ def cross_entropy(
         vocab_size,
         options,
         mask=mask,
-        shift=shift,
         token_weights=token_weights,
         num_items=num_items,
     )
@@ -124,30 +91,22 @@ def cross_entropy(
         prepared.counted,
         options,
         inplace_backward=inplace_backward,
-        chunk_size=chunk_size,
     )
-    return prepared.reduce(rows, reduction)
+    return prepared.reduce(rows, options.reduction)
 
 
+@takes_loss_options
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
     *,
     bias: Tensor | None = None,
-    ignore_index: int = -100,
     mask: Tensor | None = None,
-    shift: bool = False,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    focal_gamma: float = 0.0,
     token_weights: Tensor | None = None,
     num_items: int | float | Tensor | None = None,
+    options: LossOptions,
     impl: str = "auto",
-    check_inputs: bool = True,
-    chunk_size: int | None = None,
 ) -> Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` without ever holding the ``(N, V)`` logits.
 
@@ -164,12 +123,11 @@ def linear_cross_entropy(
         weight: ``(V, D)`` the LM head (``nn.Linear(D, V).weight``); same dtype and device.
         targets: ``(...)`` integer class indices, the leading shape of ``hidden``.
         bias: optional ``(V,)``; same dtype and device.
-        ignore_index, mask, shift, reduction, label_smoothing, z_loss, softcap, focal_gamma,
-        token_weights, num_items, check_inputs: as in :func:`cross_entropy`; ``shift`` shifts
-            along ``hidden``'s second-to-last dimension and ``targets``' last.
+        mask, token_weights, num_items: as in :func:`cross_entropy`; ``shift`` shifts along
+            ``hidden``'s second-to-last dimension and ``targets``' last.
         impl: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`tokenloss.ops`).
-        chunk_size: rows per chunk; None picks one from N, V and the free memory
-            (:func:`tokenloss.ops.linear_cross_entropy.rows_per_chunk`).
+        **options: the loss options listed below; ``chunk_size=None`` picks the rows per chunk from
+            N, V and the free memory (:func:`tokenloss.ops.linear_cross_entropy.fused_chunk_rows`).
 
     Returns:
         A float32 scalar for ``"mean"``/``"sum"`` (float64 for float64 inputs); for ``"none"`` the
@@ -187,30 +145,18 @@ def linear_cross_entropy(
         >>> round(tl.linear_cross_entropy(hidden, weight, torch.tensor([1, 3])).item(), 3)
         1.609
     """
-    options = LossOptions(
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        focal_gamma=focal_gamma,
-        check_inputs=check_inputs,
-    )
     check_linear_inputs(hidden, weight, bias)
-    if shift and hidden.ndim < 2:
-        raise ValueError(f"shift=True needs hidden shaped (..., T, D), got {tuple(hidden.shape)}")
     prepared = prepare_targets(
         tuple(hidden.shape[:-1]),
         targets,
         weight.shape[0],
         options,
         mask=mask,
-        shift=shift,
         token_weights=token_weights,
         num_items=num_items,
         input_name="hidden",
     )
     loss = _rows_module(impl, hidden.device).linear_cross_entropy_loss(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, prepared, options, chunk_size=chunk_size
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, prepared, options
     )
-    return prepared.reduce(loss, "none") if reduction == "none" else loss
+    return prepared.reduce(loss, "none") if options.reduction == "none" else loss

@@ -5,44 +5,27 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from tokenloss import functional
+from tokenloss.options import LossOptions, takes_loss_options
 
 
 class CrossEntropyLoss(nn.Module):
     """Module form of :func:`tokenloss.cross_entropy`: same options, same order, same meaning.
 
-    The constructor takes the options; ``forward`` takes the per-batch tensors
-    (``logits``, ``targets`` and optionally ``mask``, ``token_weights``, ``num_items``).
+    The constructor takes the options (each :class:`~tokenloss.options.LossOptions` field, plus
+    ``impl`` and ``inplace_backward``) and checks them at once; ``forward`` takes the per-batch
+    tensors (``logits``, ``targets`` and optionally ``mask``, ``token_weights``, ``num_items``).
+
+    Examples:
+        >>> import torch, tokenloss as tl
+        >>> crit = tl.CrossEntropyLoss(shift=True, label_smoothing=0.1)
+        >>> round(crit(torch.zeros(1, 3, 5), torch.tensor([[0, 1, 2]])).item(), 3)  # log 5
+        1.609
     """
 
-    def __init__(
-        self,
-        *,
-        ignore_index: int = -100,
-        shift: bool = False,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        z_loss: float = 0.0,
-        softcap: float | None = None,
-        focal_gamma: float = 0.0,
-        impl: str = "auto",
-        inplace_backward: bool = False,
-        check_inputs: bool = True,
-        chunk_size: int | None = None,
-    ) -> None:
+    @takes_loss_options
+    def __init__(self, *, options: LossOptions, impl: str = "auto", inplace_backward: bool = False) -> None:
         super().__init__()
-        self.options = dict(
-            ignore_index=ignore_index,
-            shift=shift,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            focal_gamma=focal_gamma,
-            impl=impl,
-            inplace_backward=inplace_backward,
-            check_inputs=check_inputs,
-            chunk_size=chunk_size,
-        )
+        self.options, self.impl, self.inplace_backward = options, impl, inplace_backward
 
     def forward(
         self,
@@ -54,48 +37,39 @@ class CrossEntropyLoss(nn.Module):
         num_items: int | float | Tensor | None = None,
     ) -> Tensor:
         return functional.cross_entropy(
-            logits, targets, mask=mask, token_weights=token_weights, num_items=num_items, **self.options
+            logits,
+            targets,
+            mask=mask,
+            token_weights=token_weights,
+            num_items=num_items,
+            options=self.options,
+            impl=self.impl,
+            inplace_backward=self.inplace_backward,
         )
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+        return _repr(self.options, impl=self.impl, inplace_backward=self.inplace_backward)
 
 
 class LinearCrossEntropyLoss(nn.Module):
     """Module form of :func:`tokenloss.linear_cross_entropy`: same options, same order, same meaning.
 
-    The constructor takes the options; ``forward`` takes the per-batch tensors (``hidden``
-    ``(..., D)``, ``weight`` ``(V, D)``, ``targets`` and optionally ``bias``, ``mask``,
-    ``token_weights``, ``num_items``). The module holds no parameters: pass the LM head's weight.
+    The constructor takes the options (each :class:`~tokenloss.options.LossOptions` field, plus
+    ``impl``); ``forward`` takes the per-batch tensors (``hidden`` ``(..., D)``, ``weight``
+    ``(V, D)``, ``targets`` and optionally ``bias``, ``mask``, ``token_weights``, ``num_items``).
+    The module holds no parameters: pass the LM head's weight.
+
+    Examples:
+        >>> import torch, tokenloss as tl
+        >>> crit = tl.LinearCrossEntropyLoss(z_loss=1e-4)
+        >>> round(crit(torch.zeros(2, 3), torch.zeros(5, 3), torch.tensor([1, 3])).item(), 4)
+        1.6097
     """
 
-    def __init__(
-        self,
-        *,
-        ignore_index: int = -100,
-        shift: bool = False,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        z_loss: float = 0.0,
-        softcap: float | None = None,
-        focal_gamma: float = 0.0,
-        impl: str = "auto",
-        check_inputs: bool = True,
-        chunk_size: int | None = None,
-    ) -> None:
+    @takes_loss_options
+    def __init__(self, *, options: LossOptions, impl: str = "auto") -> None:
         super().__init__()
-        self.options = dict(
-            ignore_index=ignore_index,
-            shift=shift,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            focal_gamma=focal_gamma,
-            impl=impl,
-            check_inputs=check_inputs,
-            chunk_size=chunk_size,
-        )
+        self.options, self.impl = options, impl
 
     def forward(
         self,
@@ -116,8 +90,13 @@ class LinearCrossEntropyLoss(nn.Module):
             mask=mask,
             token_weights=token_weights,
             num_items=num_items,
-            **self.options,
+            options=self.options,
+            impl=self.impl,
         )
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+        return _repr(self.options, impl=self.impl)
+
+
+def _repr(options: LossOptions, **extra: object) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in {**options.as_kwargs(), **extra}.items())

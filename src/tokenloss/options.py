@@ -1,16 +1,25 @@
-"""Loss options and the checks and bookkeeping shared by every implementation.
+"""The loss options, listed once, and the preparation every implementation shares.
 
-Every path (plain, fused, vocabulary-parallel, Triton) takes the user's tensors through
-:func:`prepare_targets`: it checks shapes and dtypes, applies the causal shift to the *targets*
-(never copying the logits), folds ``ignore_index``, ``mask`` and ``token_weights`` into one
-per-row weight, and computes the denominator of the mean. What is left for an implementation is
-the per-row math of :mod:`tokenloss.ops.rowwise` on ``(N, V)`` rows.
+:class:`LossOptions` is the one place that lists the options of the loss. Every entry point
+(:func:`tokenloss.cross_entropy`, :func:`tokenloss.linear_cross_entropy`, the vocabulary-parallel
+functions, the ``nn.Module`` wrappers and the float64 reference) gets them through
+:func:`takes_loss_options`, which adds each field as a keyword-only argument to the public
+signature and hands the function one checked ``LossOptions``. A new option is one field here (and
+its use in the per-row math); no signature is written twice.
+
+Every path then takes the user's tensors through :func:`prepare_targets`: it checks shapes and
+dtypes, applies the causal shift to the *targets* (never copying the logits), folds
+``ignore_index``, ``mask`` and ``token_weights`` into one per-row weight, and computes the
+denominator of the mean. What is left for an implementation is the per-row math of
+:mod:`tokenloss.ops.rowwise` on ``(N, V)`` rows.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -19,28 +28,52 @@ REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def _option(default, doc: str):
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass(frozen=True)
 class LossOptions:
-    """The options that change the per-row math, checked once.
+    """The options of the loss, checked once. Every entry point takes each field as a keyword.
 
-    Attributes:
-        ignore_index: target value of positions that do not count.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        label_smoothing: ``eps`` in ``[0, 1]``: the target distribution is
-            ``(1 - eps) * onehot + eps / V`` (PyTorch's definition).
-        z_loss: coefficient of ``logsumexp(z) ** 2`` per counted row (PaLM); ``>= 0``.
-        softcap: ``c > 0`` turns logits into ``c * tanh(logits / c)`` first (Gemma 2), or None.
-        focal_gamma: ``gamma >= 0``; each row's loss is multiplied by ``(1 - p_target) ** gamma``.
-        check_inputs: check target ranges and non-finite logits (one host sync each on CUDA).
+    Raises:
+        TypeError, ValueError: an option of the wrong type or out of range, naming it.
+
+    Examples:
+        >>> LossOptions(label_smoothing=0.1).label_smoothing
+        0.1
+        >>> LossOptions(reduction="avg")
+        Traceback (most recent call last):
+        ...
+        ValueError: reduction must be one of ('mean', 'sum', 'none'), got 'avg'
     """
 
-    ignore_index: int = -100
-    reduction: str = "mean"
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    softcap: float | None = None
-    focal_gamma: float = 0.0
-    check_inputs: bool = True
+    ignore_index: int = _option(-100, "positions whose target equals this do not count (PyTorch's default)")
+    shift: bool = _option(
+        False,
+        "causal-LM shift: the input at position t predicts the target at t + 1 along the sequence "
+        "dimension (the input's second-to-last, the targets' last); mask and token weights shift with "
+        "the targets, and every count is taken after the shift",
+    )
+    reduction: str = _option(
+        "mean",
+        '"mean" (sum over counted positions / their number, or / num_items), "sum", or "none" '
+        "(per-position losses shaped like the targets after the shift, 0.0 where a position does not count)",
+    )
+    label_smoothing: float = _option(
+        0.0, "eps in [0, 1]: the target becomes (1 - eps) * onehot + eps / V (PyTorch's definition)"
+    )
+    z_loss: float = _option(0.0, "coefficient of logsumexp(z) ** 2 added per counted position (PaLM); >= 0")
+    softcap: float | None = _option(None, "c > 0: logits become c * tanh(logits / c) first (Gemma 2); None: no cap")
+    focal_gamma: float = _option(0.0, "gamma >= 0: each position's cross-entropy times (1 - p_target) ** gamma")
+    check_inputs: bool = _option(
+        True,
+        "check that counted targets are in [0, V) and that no counted row holds NaN/inf "
+        "(each one host sync on CUDA); False skips both",
+    )
+    chunk_size: int | None = _option(
+        None, "rows per chunk of the (n, V) work buffer; None picks one from N, V and free memory"
+    )
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
@@ -54,6 +87,18 @@ class LossOptions:
                 raise ValueError("softcap must be a positive number or None, got 0")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        if self.chunk_size is not None and (
+            isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {self.chunk_size!r}")
+
+    def as_kwargs(self) -> dict[str, object]:
+        """The options as keyword arguments of any entry point."""
+        return {name: getattr(self, name) for name in OPTION_NAMES}
+
+
+#: The names of the options, in signature order.
+OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(LossOptions))
 
 
 def _check_number(name: str, value: object, *, low: float, high: float = math.inf) -> None:
@@ -62,6 +107,54 @@ def _check_number(name: str, value: object, *, low: float, high: float = math.in
     if not (low <= value <= high) or math.isnan(value):
         bounds = f"in [{low}, {high}]" if high != math.inf else f">= {low}"
         raise ValueError(f"{name} must be {bounds}, got {value}")
+
+
+def _options_doc() -> str:
+    lines = ["Loss options (keyword-only; :class:`tokenloss.options.LossOptions` lists and checks them):"]
+    for f in fields(LossOptions):
+        lines.append(f"    {f.name} (default {f.default!r}): {f.metadata['doc']}.")
+    return "\n".join(lines)
+
+
+def takes_loss_options(function):
+    """Decorator: gives ``function`` every :class:`LossOptions` field as a keyword-only argument.
+
+    ``function`` declares a keyword-only ``options: LossOptions`` parameter. The wrapper's
+    signature (what ``help`` and ``inspect.signature`` show) replaces it with one keyword per field,
+    with its default; a call gathers those keywords into one checked ``LossOptions``. A caller that
+    already holds a ``LossOptions`` may pass it as ``options=`` instead of the separate keywords.
+    The docstring gains the list of the options.
+    """
+    signature = inspect.signature(function)
+    if "options" not in signature.parameters:
+        raise TypeError(f"{function.__qualname__} must take a keyword-only 'options' parameter")
+    option_parameters = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+        for f in fields(LossOptions)
+    ]
+    parameters = []
+    for parameter in signature.parameters.values():
+        if parameter.name == "options":
+            parameters.extend(option_parameters)
+        else:
+            parameters.append(parameter)
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        given = {name: kwargs.pop(name) for name in OPTION_NAMES if name in kwargs}
+        options = kwargs.pop("options", None)
+        if options is None:
+            options = LossOptions(**given)
+        elif not isinstance(options, LossOptions):
+            raise TypeError(f"options must be a tokenloss.options.LossOptions, got {type(options).__name__}")
+        elif given:
+            raise TypeError(f"pass either options= or the separate options, not both (got {', '.join(given)})")
+        return function(*args, options=options, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=parameters)
+    if function.__doc__:
+        wrapper.__doc__ = inspect.cleandoc(function.__doc__) + "\n\n" + _options_doc()
+    return wrapper
 
 
 @dataclass
@@ -141,6 +234,10 @@ def check_linear_inputs(
             raise ValueError(f"{name} must be on the device of hidden ({hidden.device}), got {tensor.device}")
 
 
+# The name of the input's last dimension, for messages.
+_LAST_DIMENSION = {"logits": "V", "hidden": "D", "logits_shard": "V_local"}
+
+
 def prepare_targets(
     leading_shape: tuple[int, ...],
     targets: Tensor,
@@ -148,7 +245,6 @@ def prepare_targets(
     options: LossOptions,
     *,
     mask: Tensor | None = None,
-    shift: bool = False,
     token_weights: Tensor | None = None,
     num_items: int | float | Tensor | None = None,
     input_name: str = "logits",
@@ -161,10 +257,8 @@ def prepare_targets(
         targets: ``(*leading_shape)`` integer tensor.
         vocab_size: V, for the range check of targets (None skips it: vocab-parallel shards
             check against the global V themselves).
-        options: the checked loss options.
+        options: the checked loss options (``shift`` and ``ignore_index`` are applied here).
         mask: optional bool tensor shaped like ``targets``; True marks positions that count.
-        shift: causal shift: the input at position t predicts the target at t + 1 along the
-            sequence dimension (the input's second-to-last, the targets' last).
         token_weights: optional floating tensor shaped like ``targets``.
         num_items: optional count that the summed loss is divided by for ``"mean"``.
         input_name: the name of the input in error messages.
@@ -172,7 +266,7 @@ def prepare_targets(
     Raises:
         TypeError: targets not integer, mask not bool, token_weights not floating.
         ValueError: shapes that do not match, targets out of ``[0, V)`` that are not
-            ``ignore_index``, a shift on a sequence of length < 1, non-positive ``num_items``.
+            ``ignore_index``, a shift without a sequence dimension, a negative or NaN ``num_items``.
     """
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
@@ -197,8 +291,10 @@ def prepare_targets(
             raise ValueError(
                 f"token_weights must have the shape of targets {tuple(targets.shape)}, got {tuple(token_weights.shape)}"
             )
+    shift = options.shift
     if shift and targets.ndim < 1:
-        raise ValueError(f"shift=True needs a sequence dimension: {input_name} must be (..., T, V)")
+        last = _LAST_DIMENSION.get(input_name, "V")
+        raise ValueError(f"shift=True needs {input_name} shaped (..., T, {last}): a sequence dimension, got none")
 
     targets = targets.long()
     out_shape = tuple(targets.shape)
@@ -218,14 +314,8 @@ def prepare_targets(
     counted = targets != options.ignore_index
     if mask is not None:
         counted = counted & mask.reshape(-1)
-    if options.check_inputs and vocab_size is not None and targets.numel() > 0:
-        bad = counted & ((targets < 0) | (targets >= vocab_size))
-        if bool(bad.any()):
-            value = int(targets[bad][0])
-            raise ValueError(
-                f"targets must be in [0, {vocab_size}) or equal ignore_index={options.ignore_index}; "
-                f"found {value} at {int(bad.sum())} position(s)"
-            )
+    if options.check_inputs and vocab_size is not None:
+        check_target_range(targets, counted, vocab_size, options.ignore_index)
     safe_targets = torch.where(counted, targets, torch.zeros_like(targets))
     weights = counted.float()
     if token_weights is not None:
@@ -236,6 +326,27 @@ def prepare_targets(
     else:
         denominator = _num_items_tensor(num_items, device=targets.device)
     return PreparedTargets(safe_targets, weights, counted, denominator, out_shape, shift)
+
+
+def check_target_range(targets: Tensor, counted: Tensor, vocab_size: int, ignore_index: int, where: str = "") -> None:
+    """Raises ValueError if a counted target lies outside ``[0, vocab_size)`` (one host sync on CUDA).
+
+    Args:
+        targets: ``(N,)`` int64 class ids.
+        counted: ``(N,)`` bool, True where the row counts.
+        vocab_size: V.
+        ignore_index: for the message.
+        where: words placed after the range in the message (e.g. which vocabulary is meant).
+    """
+    if targets.numel() == 0:
+        return
+    bad = counted & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        value = int(targets[bad][0])
+        raise ValueError(
+            f"targets must be in [0, {vocab_size}){where} or equal ignore_index={ignore_index}; "
+            f"found {value} at {int(bad.sum())} position(s)"
+        )
 
 
 def _num_items_tensor(num_items: int | float | Tensor, device: torch.device) -> Tensor:

@@ -22,21 +22,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokenloss.options import LossOptions, takes_loss_options
 
+
+@takes_loss_options
 def reference_cross_entropy(
     logits: Tensor,
     targets: Tensor,
     *,
-    ignore_index: int = -100,
     mask: Tensor | None = None,
-    shift: bool = False,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    focal_gamma: float = 0.0,
     token_weights: Tensor | None = None,
     num_items: int | Tensor | None = None,
+    options: LossOptions,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """Cross-entropy computed straight from the formulas, in ``dtype`` (float64 by default).
@@ -44,13 +41,17 @@ def reference_cross_entropy(
     Args:
         logits: ``(..., V)`` floating tensor.
         targets: ``(...)`` integer tensor, same leading shape as ``logits``.
-        (the rest): as in :func:`tokenloss.cross_entropy`.
+        mask, token_weights, num_items: as in :func:`tokenloss.cross_entropy`.
+        dtype: the dtype of the computation and of the result.
+        **options: the loss options listed below (``check_inputs`` and ``chunk_size`` are ignored).
 
     Returns:
         A scalar for ``"mean"`` and ``"sum"``; per-position losses shaped like ``targets`` (after
         the shift) for ``"none"``, 0 where a position does not count. The result is in ``dtype``.
     """
-    if shift:
+    ignore_index, reduction, softcap = options.ignore_index, options.reduction, options.softcap
+    label_smoothing, focal_gamma, z_loss = options.label_smoothing, options.focal_gamma, options.z_loss
+    if options.shift:
         logits = logits[..., :-1, :]
         targets = targets[..., 1:]
         mask = None if mask is None else mask[..., 1:]

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from tokenloss.ops.cross_entropy import CHUNK_ELEMENTS, cross_entropy_rows, rows_per_chunk
+from tokenloss.ops.cross_entropy import CHUNK_ELEMENTS, cross_entropy_rows, plain_chunk_rows
 from tokenloss.options import LossOptions
 from tokenloss.reference import reference_cross_entropy
 
 
-def test_rows_per_chunk():
+def test_plain_chunk_rows():
     """About CHUNK_ELEMENTS elements per chunk, at least one row, or the chunk_size asked for."""
-    assert rows_per_chunk(32000) == CHUNK_ELEMENTS // 32000
-    assert rows_per_chunk(4 * CHUNK_ELEMENTS) == 1
-    assert rows_per_chunk(32000, chunk_size=7) == 7
+    assert plain_chunk_rows(32000) == CHUNK_ELEMENTS // 32000
+    assert plain_chunk_rows(4 * CHUNK_ELEMENTS) == 1
+    assert plain_chunk_rows(32000, chunk_size=7) == 7
 
 
 def rows_inputs(n_rows=10, vocab_size=9, dtype=torch.float32):
@@ -32,7 +34,7 @@ def test_rows_equal_the_reference(chunk_size, tolerances):
     """Per-row losses (0 where a row does not count) equal the reference's "none" result, for any chunking."""
     logits, targets, weights, counted = rows_inputs()
     options = LossOptions(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, focal_gamma=1.0)
-    rows = cross_entropy_rows(logits, targets, weights, counted, options, chunk_size=chunk_size)
+    rows = cross_entropy_rows(logits, targets, weights, counted, replace(options, chunk_size=chunk_size))
     expected = reference_cross_entropy(
         logits,
         torch.where(counted, targets, -100),

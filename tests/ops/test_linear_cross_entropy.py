@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -81,20 +82,25 @@ def test_inplace_kernels_equal_the_rowwise_kernels(dtype, options):
     ],
 )
 def test_chunk_rule(n_rows, vocab, chunk_size, expected):
-    """rows_per_chunk follows the documented rule (memory-free cap not binding on this machine)."""
-    assert lce.rows_per_chunk(n_rows, vocab, chunk_size=chunk_size) == expected
+    """fused_chunk_rows follows the documented rule (memory-free cap not binding on this machine)."""
+    assert lce.fused_chunk_rows(n_rows, vocab, chunk_size=chunk_size) == expected
 
 
 def test_chunk_rule_respects_free_memory(monkeypatch):
     """With little free memory the chunk shrinks to 1/16 of it."""
     monkeypatch.setattr(lce, "_available_bytes", lambda device: 16 * 4 * 32000 * 10)
-    assert lce.rows_per_chunk(4096, 32000, device=torch.device("cpu")) == 10
+    assert lce.fused_chunk_rows(4096, 32000, device=torch.device("cpu")) == 10
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True])
-def test_chunk_rule_rejects_bad_chunk_size(bad):
+@pytest.mark.parametrize("entry", ["cross_entropy", "linear_cross_entropy"])
+def test_chunk_rule_rejects_bad_chunk_size(bad, entry):
+    """Every entry point checks chunk_size alike (LossOptions), the plain path included."""
+    import tokenloss as tl
+
+    inputs = (torch.zeros(2, 5),) if entry == "cross_entropy" else (torch.zeros(2, 3), torch.zeros(5, 3))
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
-        lce.rows_per_chunk(10, 10, chunk_size=bad)
+        getattr(tl, entry)(*inputs, torch.tensor([1, 2]), chunk_size=bad)
 
 
 @pytest.fixture
@@ -133,7 +139,7 @@ def test_gradcheck_float64_recomputing_path(options):
     prepared = _prepared(targets, options)
 
     def fn(h, w, b):
-        return lce.linear_cross_entropy_loss(h, w, b, prepared, options, chunk_size=3)
+        return lce.linear_cross_entropy_loss(h, w, b, prepared, replace(options, chunk_size=3))
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
 
@@ -148,7 +154,7 @@ def test_gradients_in_forward_equal_float64_reference(reduction, options):
     mask = torch.tensor([True] * 8 + [False])
     opts = LossOptions(reduction=reduction, **options)
     fused = [t.clone().requires_grad_() for t in leaves]
-    loss = lce.linear_cross_entropy_loss(*fused, _prepared(targets, opts, mask=mask), opts, chunk_size=2)
+    loss = lce.linear_cross_entropy_loss(*fused, _prepared(targets, opts, mask=mask), replace(opts, chunk_size=2))
     (loss * 1.7).backward()
     ref = [t.clone().requires_grad_() for t in leaves]
     ref_loss = reference_cross_entropy(ref[0] @ ref[1].T + ref[2], targets, mask=mask, reduction=reduction, **options)
@@ -185,7 +191,7 @@ def test_both_logits_products_equal_the_unfused_loss(monkeypatch, onednn, reduct
     b = torch.randn(37, generator=gen, requires_grad=True) if bias else None
     targets = torch.randint(0, 37, (11,), generator=gen)
     opts = LossOptions(reduction=reduction, label_smoothing=0.1)
-    fused = lce.linear_cross_entropy_loss(hidden, weight, b, _prepared(targets, opts, 37), opts, chunk_size=4)
+    fused = lce.linear_cross_entropy_loss(hidden, weight, b, _prepared(targets, opts, 37), replace(opts, chunk_size=4))
     leaves = [t for t in (hidden, weight, b) if t is not None]
     upstream = torch.linspace(0.5, 1.5, 11) if reduction == "none" else torch.tensor(1.0)
     got = torch.autograd.grad(fused, leaves, upstream)
@@ -247,7 +253,7 @@ def test_rows_that_do_not_count_never_reach_a_product(monkeypatch):
     opts = LossOptions()
     hidden = torch.randn(100, 3, requires_grad=True)
     lce.linear_cross_entropy_loss(
-        hidden, torch.randn(11, 3), None, _prepared(targets, opts, mask=mask), opts, chunk_size=8
+        hidden, torch.randn(11, 3), None, _prepared(targets, opts, mask=mask), replace(opts, chunk_size=8)
     ).backward()
     assert sum(seen) == 30
     assert hidden.grad[:70].abs().sum() == 0 and hidden.grad[70:].abs().sum() > 0
@@ -337,6 +343,6 @@ def test_low_precision_gradients_accumulate_in_float32(gradient_sinks, dtype, ac
     """bf16/fp16: grad_weight and grad_bias accumulate across chunks in float32; grads come back in the input dtype."""
     opts = LossOptions()
     leaves = [torch.randn(*shape).to(dtype).requires_grad_() for shape in ((6, 3), (11, 3), (11,))]
-    lce.linear_cross_entropy_loss(*leaves, _prepared(torch.arange(6), opts), opts, chunk_size=2).backward()
+    lce.linear_cross_entropy_loss(*leaves, _prepared(torch.arange(6), opts), replace(opts, chunk_size=2)).backward()
     assert gradient_sinks[0].weight.dtype == accumulator and gradient_sinks[0].bias.dtype == accumulator
     assert all(leaf.grad.dtype == dtype for leaf in leaves)

@@ -42,7 +42,7 @@ from torch import nn
 
 from tokenloss.functional import cross_entropy, linear_cross_entropy
 from tokenloss.ops import IMPLEMENTATIONS
-from tokenloss.options import LossOptions
+from tokenloss.options import OPTION_NAMES, LossOptions
 
 __all__ = ["SUPPORTED_MODELS", "is_patched", "patch", "unpatch"]
 
@@ -57,9 +57,6 @@ SUPPORTED_MODELS = (
     "Gemma2ForCausalLM",
 )
 
-#: Options of :func:`tokenloss.linear_cross_entropy` that :func:`patch` accepts.
-LOSS_OPTIONS = ("ignore_index", "label_smoothing", "z_loss", "focal_gamma", "impl", "check_inputs", "chunk_size")
-
 # Options the patch sets itself, with the reason given when a caller passes one.
 _OWNED_OPTIONS = {
     "shift": "the patch applies the causal shift of the model's own loss",
@@ -70,6 +67,10 @@ _OWNED_OPTIONS = {
     "token_weights": "per-token tensors cannot be fixed at patch time",
     "bias": "the LM head's own bias is used",
 }
+
+#: Options of :func:`tokenloss.linear_cross_entropy` that :func:`patch` accepts: every loss option
+#: the patch does not set itself, and ``impl``.
+LOSS_OPTIONS = tuple(name for name in OPTION_NAMES if name not in _OWNED_OPTIONS) + ("impl",)
 
 _STATE = "_tokenloss_patch"
 
@@ -194,18 +195,9 @@ def _check_loss_options(loss_options: dict[str, Any]) -> dict[str, Any]:
             raise TypeError(f"patch() got an unknown loss option {key!r}; it takes {', '.join(LOSS_OPTIONS)}")
     options = {"ignore_index": -100, **loss_options}
     # Check values now rather than at the first training step.
-    LossOptions(
-        ignore_index=options["ignore_index"],
-        label_smoothing=options.get("label_smoothing", 0.0),
-        z_loss=options.get("z_loss", 0.0),
-        focal_gamma=options.get("focal_gamma", 0.0),
-        check_inputs=options.get("check_inputs", True),
-    )
+    LossOptions(**{key: value for key, value in options.items() if key != "impl"})
     if options.get("impl", "auto") not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {options['impl']!r}")
-    chunk_size = options.get("chunk_size")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return options
 
 

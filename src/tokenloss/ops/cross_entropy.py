@@ -14,11 +14,11 @@ import torch
 from torch import Tensor
 
 from tokenloss.ops.rowwise import (
-    RowStatistics,
     accumulation_dtype,
     check_finite_rows,
     chunk_gradient,
     chunk_statistics,
+    chunked_statistics,
     loss_and_coefficients,
     scale_coefficients,
 )
@@ -33,10 +33,11 @@ from tokenloss.options import LossOptions
 CHUNK_ELEMENTS = 1 << 23
 
 
-def rows_per_chunk(vocab_size: int, chunk_size: int | None = None) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else about :data:`CHUNK_ELEMENTS` elements."""
+def plain_chunk_rows(vocab_size: int, chunk_size: int | None = None) -> int:
+    """Rows per chunk of the plain loss: ``chunk_size`` (checked by :class:`LossOptions`) if given,
+    else about :data:`CHUNK_ELEMENTS` elements. At least 1."""
     if chunk_size is not None:
-        return max(1, int(chunk_size))
+        return chunk_size
     return max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
 
 
@@ -55,24 +56,22 @@ class CrossEntropyFunction(torch.autograd.Function):
         chunk_rows: int,
     ) -> Tensor:
         n_rows, vocab_size = logits.shape
-        lse = logits.new_empty(n_rows, dtype=accumulation_dtype(logits.dtype))
-        weights = weights.to(lse.dtype)
-        target_logit = torch.empty_like(lse)
-        logit_sum = torch.empty_like(lse) if options.label_smoothing > 0 else None
-        buffer = logits.new_empty(min(chunk_rows, n_rows), vocab_size, dtype=lse.dtype)  # (n, V) scratch, reused
-        for start in range(0, n_rows, chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            stats = chunk_statistics(logits[rows], targets[rows], options, buffer=buffer)
-            lse[rows] = stats.lse
-            target_logit[rows] = stats.target_logit
-            if logit_sum is not None:
-                logit_sum[rows] = stats.logit_sum
+        acc = accumulation_dtype(logits.dtype)
+        weights = weights.to(acc)
+        buffer = logits.new_empty(min(chunk_rows, n_rows), vocab_size, dtype=acc)  # (n, V) scratch, reused
+        stats = chunked_statistics(
+            n_rows,
+            chunk_rows,
+            options,
+            acc,
+            logits.device,
+            lambda rows: chunk_statistics(logits[rows], targets[rows], options, buffer=buffer),
+        )
         # Ignored rows may hold NaN/inf (padding); their gradient rows are then zeroed explicitly.
         # Without the check (check_inputs=False) that is not guaranteed.
-        zero_skipped_rows = check_finite_rows(lse, counted, "logits") if options.check_inputs else False
-        stats = RowStatistics(lse, target_logit, logit_sum)
+        zero_skipped_rows = check_finite_rows(stats.lse, counted, "logits") if options.check_inputs else False
         loss, alpha, beta, delta = loss_and_coefficients(stats, weights, vocab_size, options)
-        ctx.save_for_backward(logits, targets, weights, lse, alpha, beta, delta)
+        ctx.save_for_backward(logits, targets, weights, stats.lse, alpha, beta, delta)
         ctx.options, ctx.inplace_backward, ctx.chunk_rows = options, inplace_backward, chunk_rows
         ctx.zero_skipped_rows = zero_skipped_rows
         return loss
@@ -114,8 +113,10 @@ def cross_entropy_rows(
     options: LossOptions,
     *,
     inplace_backward: bool = False,
-    chunk_size: int | None = None,
 ) -> Tensor:
-    """Per-row weighted losses ``(N,)`` float32 of ``(N, V)`` logits (see :mod:`tokenloss.ops.rowwise`)."""
-    chunk_rows = rows_per_chunk(logits.shape[-1], chunk_size)
+    """Per-row weighted losses ``(N,)`` float32 of ``(N, V)`` logits (see :mod:`tokenloss.ops.rowwise`).
+
+    ``options.chunk_size`` rows per chunk (None: :func:`plain_chunk_rows`).
+    """
+    chunk_rows = plain_chunk_rows(logits.shape[-1], options.chunk_size)
     return CrossEntropyFunction.apply(logits, targets, weights, counted, options, inplace_backward, chunk_rows)

@@ -48,13 +48,15 @@ from torch import Tensor
 from tokenloss.ops.rowwise import (
     RowStatistics,
     accumulation_dtype,
+    capped,
     check_finite_rows,
+    finite_shift,
     loss_and_coefficients,
     scale_coefficients,
 )
 from tokenloss.options import LossOptions, PreparedTargets
 
-# Chunk rule (see :func:`rows_per_chunk`). Every chunk streams the whole (V, D) weight through two
+# Chunk rule (see :func:`fused_chunk_rows`). Every chunk streams the whole (V, D) weight through two
 # products and the (V, D) grad_weight accumulator through a third, so the time beyond the three
 # products grows with the number of chunks (measured on a 2-core CPU: +35-55% at 130-row chunks,
 # where the weight is 512 MiB); the memory grows with the chunk's (n, V) buffer. The unfused loss
@@ -82,22 +84,17 @@ def _available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def rows_per_chunk(
+def fused_chunk_rows(
     n_rows: int, vocab_size: int, *, chunk_size: int | None = None, device: torch.device | None = None
 ) -> int:
     """Rows per chunk of the fused loss.
 
-    ``chunk_size`` if given. Otherwise ``ceil(N / 5)`` rows (5 chunks: the (n, V) buffer is a fifth
-    of the unfused logits), at most ``MAX_CHUNK_BYTES / (4 V)`` (256 MiB of float32 logits: 2097
-    rows at V = 32000, 523 at V = 128256), at least 128 rows (or N if smaller), and at most
-    ``1/16`` of the memory free on ``device`` (``n * V * 4`` bytes). At least 1.
-
-    Raises:
-        ValueError: ``chunk_size`` not a positive int.
+    ``chunk_size`` (checked by :class:`~tokenloss.options.LossOptions`) if given. Otherwise
+    ``ceil(N / 5)`` rows (5 chunks: the (n, V) buffer is a fifth of the unfused logits), at most
+    ``MAX_CHUNK_BYTES / (4 V)`` (256 MiB of float32 logits: 2097 rows at V = 32000, 523 at
+    V = 128256), at least 128 rows (or N if smaller), and at most ``1/16`` of the memory free on ``device`` (``n * V * 4`` bytes). At least 1.
     """
     if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
         return chunk_size
     row_bytes = 4 * max(vocab_size, 1)
     rows = min(-(-n_rows // CHUNK_FRACTION), MAX_CHUNK_BYTES // row_bytes)
@@ -183,17 +180,10 @@ def _statistics_inplace(logits: Tensor, targets: Tensor, options: LossOptions) -
         ``stats`` the :class:`~tokenloss.ops.rowwise.RowStatistics`, ``row_sum`` ``(n,)`` the sum
         of ``exp_shifted`` (so ``softmax = exp_shifted / row_sum``).
     """
-    acc = accumulation_dtype(logits.dtype)
-    if options.softcap is not None:
-        z = torch.tanh(logits.to(acc) / options.softcap).mul_(options.softcap)
-    else:
-        z = logits if logits.dtype == acc else logits.to(acc)
+    z = capped(logits, options.softcap)  # no copy for float32/float64 without a cap
     target_logit = z.gather(1, targets.unsqueeze(1)).squeeze(1)
     logit_sum = z.sum(dim=-1) if options.label_smoothing > 0 else None
-    row_max = z.amax(dim=-1)
-    # A row whose maximum is +-inf would give inf - inf = NaN; shift it by 0 instead, so the
-    # log-sum-exp comes out non-finite and check_finite_rows names the row.
-    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    shift = finite_shift(z.amax(dim=-1))
     exp_shifted = z.sub_(shift.unsqueeze(1)).exp_()
     row_sum = exp_shifted.sum(dim=-1)
     lse = row_sum.log().add_(shift)
@@ -422,16 +412,12 @@ def _recompute_gradients(ctx, grad_rows: Tensor) -> tuple[Tensor | None, Tensor 
     needs = tuple(ctx.needs_input_grad[:3])
     row_scale = grad_rows.to(weights.dtype) * weights
     sink = _GradientSink(hidden, weight, bias, needs)
-    acc = accumulation_dtype(hidden.dtype)
     buffer = _logits_buffer(hidden, weight, chunk_rows)
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
         h = hidden[rows]
         logits = _chunk_logits(h, weight, bias, buffer)
-        if options.softcap is not None:
-            z = torch.tanh(logits.to(acc) / options.softcap).mul_(options.softcap)
-        else:
-            z = logits if logits.dtype == acc else logits.to(acc)
+        z = capped(logits, options.softcap)  # the logits buffer itself for float32/float64 without a cap
         probs = z.sub_(lse[rows].unsqueeze(1)).exp_()  # the softmax: row sums of 1
         coefficients = (alpha[rows], beta[rows], delta[rows])
         grad, factor = _gradient_inplace(
@@ -457,8 +443,6 @@ def linear_cross_entropy_loss(
     bias: Tensor | None,
     prepared: PreparedTargets,
     options: LossOptions,
-    *,
-    chunk_size: int | None = None,
 ) -> Tensor:
     """The loss of ``hidden @ weight.T + bias`` without the ``(N, V)`` logits.
 
@@ -467,8 +451,8 @@ def linear_cross_entropy_loss(
         weight: ``(V, D)`` same dtype and device.
         bias: ``(V,)`` same dtype and device, or None.
         prepared: targets from :func:`tokenloss.options.prepare_targets` for the N rows.
-        options: loss options; ``options.reduction`` chooses the output.
-        chunk_size: rows per chunk (None: :func:`rows_per_chunk`).
+        options: loss options; ``options.reduction`` chooses the output, ``options.chunk_size``
+            the rows per chunk (None: :func:`fused_chunk_rows`).
 
     Returns:
         ``"mean"``/``"sum"``: a 0-dim float32 tensor (float64 for float64 inputs), the sum divided
@@ -481,7 +465,9 @@ def linear_cross_entropy_loss(
     if index is not None:
         rows_hidden = hidden.index_select(0, index)  # (M, D): dropped rows never reach a product
         targets, weights = targets.index_select(0, index), weights.index_select(0, index)
-    chunk_rows = rows_per_chunk(rows_hidden.shape[0], weight.shape[0], chunk_size=chunk_size, device=hidden.device)
+    chunk_rows = fused_chunk_rows(
+        rows_hidden.shape[0], weight.shape[0], chunk_size=options.chunk_size, device=hidden.device
+    )
     grad_on = torch.is_grad_enabled()
     needs = (
         grad_on and hidden.requires_grad,

@@ -22,6 +22,7 @@ So the ``(N, V)`` probabilities never exist: only one chunk of them at a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -90,15 +91,56 @@ def chunk_statistics(
     return RowStatistics(lse, target_logit, logit_sum)
 
 
+def finite_shift(row_max: Tensor) -> Tensor:
+    """The shift of a log-sum-exp: ``row_max`` where it is finite, 0 elsewhere.
+
+    A row whose maximum is +-inf would give ``inf - inf = NaN``; shifted by 0 instead, its
+    log-sum-exp comes out +-inf (and :func:`check_finite_rows` names it), as ``torch.logsumexp``
+    does.
+    """
+    return torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+
+
 def _logsumexp_rows(z: Tensor, work: Tensor) -> Tensor:
     """``logsumexp(z, dim=-1)`` ``(n,)`` as ``torch.logsumexp`` computes it (max + log of the sum of
     shifted exponentials), with the ``(n, V)`` exponentials written into ``work`` (may be ``z``)."""
-    row_max = z.amax(dim=-1)
-    # A row whose maximum is +-inf would give inf - inf = NaN: shift it by 0 instead, so that its
-    # log-sum-exp comes out +-inf (and check_finite_rows names it), as torch.logsumexp does.
-    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    shift = finite_shift(z.amax(dim=-1))
     torch.sub(z, shift.unsqueeze(1), out=work).exp_()
     return work.sum(dim=-1).log_().add_(shift)
+
+
+def chunked_statistics(
+    n_rows: int,
+    chunk_rows: int,
+    options: LossOptions,
+    dtype: torch.dtype,
+    device: torch.device,
+    chunk: Callable[[slice], RowStatistics],
+) -> RowStatistics:
+    """The ``(N,)`` statistics of ``n_rows`` rows, gathered chunk by chunk.
+
+    Args:
+        n_rows: N.
+        chunk_rows: rows per chunk.
+        options: loss options (``logit_sum`` is kept only with label smoothing).
+        dtype: the accumulation dtype of the statistics.
+        device: their device.
+        chunk: returns the statistics of the rows of one ``slice`` (it reads or computes that
+            chunk's logits; nothing of the chunk outlives the call).
+    """
+
+    def empty() -> Tensor:
+        return torch.empty(n_rows, dtype=dtype, device=device)
+
+    stats = RowStatistics(empty(), empty(), empty() if options.label_smoothing > 0 else None)
+    for start in range(0, n_rows, chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        part = chunk(rows)
+        stats.lse[rows] = part.lse
+        stats.target_logit[rows] = part.target_logit
+        if stats.logit_sum is not None:
+            stats.logit_sum[rows] = part.logit_sum
+    return stats
 
 
 def loss_and_coefficients(

@@ -259,20 +259,18 @@ def cross_entropy_rows(
     options: LossOptions,
     *,
     inplace_backward: bool = False,
-    chunk_size: int | None = None,
 ) -> Tensor:
     """Per-row weighted losses ``(N,)`` of ``(N, V)`` logits by the Triton kernels.
 
     Same arguments and result as :func:`tokenloss.ops.cross_entropy.cross_entropy_rows`: float32
-    losses (float64 for float64 logits), 0 where a row does not count. ``chunk_size`` is accepted
-    for the common signature and unused: each program streams its row in tiles, with no ``(n, V)``
-    temporary to bound. Logits whose last dimension is not contiguous are copied first.
+    losses (float64 for float64 logits), 0 where a row does not count. ``options.chunk_size`` is
+    unused: each program streams its row in tiles, with no ``(n, V)`` temporary to bound. Logits
+    whose last dimension is not contiguous are copied first.
 
     Raises:
         ValueError: tensors not on a CUDA device (or, with kernels loaded under
             ``TRITON_INTERPRET=1``, not on the CPU); NaN/inf in a counted row (``check_inputs``).
     """
-    del chunk_size
     check_device(_row_statistics_kernel, logits, targets, weights)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()

@@ -523,7 +523,6 @@ def linear_cross_entropy_loss(
     prepared: PreparedTargets,
     options: LossOptions,
     *,
-    chunk_size: int | None = None,
     strategy: str = "recompute",
 ) -> Tensor:
     """The loss of ``hidden @ weight.T + bias`` by the Triton kernels, without any ``(N, V)`` logits.
@@ -535,8 +534,8 @@ def linear_cross_entropy_loss(
         weight: ``(V, D)`` same dtype and device.
         bias: ``(V,)`` same dtype and device, or None.
         prepared: targets from :func:`tokenloss.options.prepare_targets` for the N rows.
-        options: loss options; ``options.reduction`` chooses the output.
-        chunk_size: accepted for the common signature and unused (the kernels work in tiles).
+        options: loss options; ``options.reduction`` chooses the output (``options.chunk_size`` is
+            unused: the kernels work in tiles).
         strategy: ``"recompute"`` (default: the backward pass recomputes the logits tiles) or
             ``"in_forward"`` (gradients computed in the forward pass; ``"mean"``/``"sum"`` only,
             ``"none"`` always recomputes). For benchmarks: see the module docstring.
@@ -551,7 +550,6 @@ def linear_cross_entropy_loss(
             ``strategy``, NaN/inf logits in a counted row (``check_inputs``).
         TypeError: ``weight`` or ``bias`` of another dtype than ``hidden``.
     """
-    del chunk_size
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     check_device(_lse_forward_kernel, hidden, weight, bias, prepared.targets)
