@@ -92,7 +92,8 @@ def fused_chunk_rows(
     ``chunk_size`` (checked by :class:`~tokenloss.options.LossOptions`) if given. Otherwise
     ``ceil(N / 5)`` rows (5 chunks: the (n, V) buffer is a fifth of the unfused logits), at most
     ``MAX_CHUNK_BYTES / (4 V)`` (256 MiB of float32 logits: 2097 rows at V = 32000, 523 at
-    V = 128256), at least 128 rows (or N if smaller), and at most ``1/16`` of the memory free on ``device`` (``n * V * 4`` bytes). At least 1.
+    V = 128256), at least 128 rows (or N if smaller), and at most ``1/16`` of the memory free on
+    ``device`` (``n * V * 4`` bytes). At least 1.
     """
     if chunk_size is not None:
         return chunk_size
