@@ -2,17 +2,29 @@
 
 The public API::
 
-    tl.cross_entropy(logits, targets, ...)            # loss from (..., V) logits
-    tl.CrossEntropyLoss(...)                          # the same as an nn.Module
+    tl.cross_entropy(logits, targets, ...)                  # loss from (..., V) logits
+    tl.linear_cross_entropy(hidden, weight, targets, ...)   # fused with the LM head: no (N, V) logits
+    tl.CrossEntropyLoss(...), tl.LinearCrossEntropyLoss(...)  # the same as nn.Modules
+    tl.LossOptions(...)                                     # the options, listed and checked once
 
-The formulas, written plainly, are in :mod:`tokenloss.reference`; the per-row math of the fast
-paths in :mod:`tokenloss.ops.rowwise`.
+The formulas, written plainly, are in :mod:`tokenloss.reference`; the options, listed once, in
+:mod:`tokenloss.options`; the per-row math of the fast paths in :mod:`tokenloss.ops.rowwise`.
+Everything else lives in packages that depend on the loss and never the reverse:
+:mod:`tokenloss.evaluation`, :mod:`tokenloss.training`, :mod:`tokenloss.models`,
+:mod:`tokenloss.integrations`, :mod:`tokenloss.explain` and :mod:`tokenloss.cli`.
 """
 
-from tokenloss import metrics  # noqa: F401  (tl.metrics: perplexity, bits per byte, ECE; torch only)
 from tokenloss.functional import cross_entropy, linear_cross_entropy
 from tokenloss.modules import CrossEntropyLoss, LinearCrossEntropyLoss
+from tokenloss.options import LossOptions
 
 __version__ = "0.1.0"
 
-__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "cross_entropy", "linear_cross_entropy", "__version__"]
+__all__ = [
+    "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
+    "LossOptions",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "__version__",
+]

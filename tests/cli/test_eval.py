@@ -13,12 +13,12 @@ import this
 import pytest
 import torch
 
+import tokenloss.evaluation.scoring
 import tokenloss.models
-import tokenloss.scoring
 from tokenloss.cli import main
+from tokenloss.evaluation.scoring import evaluate
 from tokenloss.models import load_model
 from tokenloss.models.bytegpt import ByteGPT, GPTConfig
-from tokenloss.scoring import evaluate
 
 ZEN = codecs.decode(this.s, "rot13")
 JSON_KEYS = {"tokens", "loss_nats", "perplexity", "bits_per_token", "bits_per_byte", "accuracy", "ece", "log_vocab"}
@@ -129,7 +129,7 @@ def test_options_reach_the_library(monkeypatch, text_file, capsys):
 
     real_load = tokenloss.models.load_model
     monkeypatch.setattr(tokenloss.models, "load_model", fake_load)
-    monkeypatch.setattr(tokenloss.scoring, "evaluate", fake_evaluate)
+    monkeypatch.setattr(tokenloss.evaluation.scoring, "evaluate", fake_evaluate)
     args = ["--text", str(text_file), "-L", "64", "-S", "16", "-b", "3", "--dtype", "bf16", "--no-bos", "-q"]
     code, _, err = run(capsys, *args)
     assert code == 2 and err == "Error: stop here\n"

@@ -76,7 +76,7 @@ def test_command_defaults_are_the_library_defaults():
 
     from tokenloss.cli.train import train_command
     from tokenloss.models.bytegpt import GPTConfig
-    from tokenloss.training import TrainConfig
+    from tokenloss.training.loop import TrainConfig
 
     defaults = {name: p.default for name, p in inspect.signature(train_command).parameters.items()}
     model, config = GPTConfig(), TrainConfig()

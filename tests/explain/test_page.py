@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import tokenloss
+from tokenloss.evaluation.scoring import score_text
 from tokenloss.explain.vectors import generate_vectors
 from tokenloss.models import load_model
-from tokenloss.scoring import score_text
 
 pytestmark = pytest.mark.browser
 

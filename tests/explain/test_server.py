@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import tokenloss.models
+from tokenloss.evaluation.scoring import score_text
 from tokenloss.explain.server import (
     DEFAULT_HOST,
     MAX_BODY_BYTES,
@@ -19,7 +20,6 @@ from tokenloss.explain.server import (
     ExplainServer,
     load_assets,
 )
-from tokenloss.scoring import score_text
 
 SERVER_SOURCE_MARK = b"class ExplainHandler"  # a line of server.py: must never be served
 

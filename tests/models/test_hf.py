@@ -12,9 +12,9 @@ import torch
 from torch.testing import assert_close
 
 from tokenloss.cli import main
+from tokenloss.evaluation.scoring import evaluate, score_text
 from tokenloss.models import load_model
 from tokenloss.models.hf import _offsets_from_pieces
-from tokenloss.scoring import evaluate, score_text
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

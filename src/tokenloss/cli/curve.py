@@ -53,7 +53,7 @@ def curve_command(
     strict: Annotated[bool, typer.Option("--strict", help="Exit with status 1 when any warning is found.")] = False,
 ) -> None:
     """Plot training logs (loss and perplexity vs step) and print a short verdict."""
-    from tokenloss.curves import check_run, plot_runs, read_log, verdict
+    from tokenloss.training.curves import check_run, plot_runs, read_log, verdict
 
     labels = labels or []
     if labels and len(labels) != len(logs):

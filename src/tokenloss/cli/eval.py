@@ -1,7 +1,7 @@
 """``tokenloss eval``: the loss of a causal LM on a text, as perplexity, bits per token/byte, accuracy and ECE.
 
-A thin layer over :func:`tokenloss.models.load_model`, :func:`tokenloss.scoring.evaluate` and
-:func:`tokenloss.reports.write_report`: it reads the text (a file or stdin), starts a process group
+A thin layer over :func:`tokenloss.models.load_model`, :func:`tokenloss.evaluation.scoring.evaluate` and
+:func:`tokenloss.evaluation.reports.write_report`: it reads the text (a file or stdin), starts a process group
 when run under ``torchrun`` (gloo on CPU, NCCL on CUDA), and prints a table or one JSON object.
 """
 
@@ -188,8 +188,8 @@ def run_eval(
     quiet: bool,
 ) -> int:
     """Does what ``tokenloss eval`` asks; prints on rank 0 only. Returns the exit status."""
+    from tokenloss.evaluation.scoring import evaluate
     from tokenloss.models import load_model
-    from tokenloss.scoring import evaluate
 
     if out is not None and out.exists() and not out.is_dir():
         raise CLIError(f"--out {str(out)!r} exists and is not a directory")
@@ -212,7 +212,7 @@ def run_eval(
         )
         if rank != 0:
             return 0
-        from tokenloss.metrics import count_bytes, count_words
+        from tokenloss.evaluation.metrics import count_bytes, count_words
 
         result = dict(evaluation.result)
         result.update(
@@ -230,7 +230,7 @@ def run_eval(
         )
         result = _clean(result)
         if out is not None:
-            from tokenloss.reports import write_report
+            from tokenloss.evaluation.reports import write_report
 
             try:
                 written = write_report(evaluation.scores, result, out)

@@ -65,9 +65,9 @@ def train_command(
     """Train a small byte-level GPT (V = 256) and report how its loss fell from log V."""
     import torch
 
-    from tokenloss.corpus import corpus_fingerprint, default_corpus
     from tokenloss.models.bytegpt import GPTConfig
-    from tokenloss.training import ByteDataset, TrainConfig, train
+    from tokenloss.training.corpus import corpus_fingerprint, default_corpus
+    from tokenloss.training.loop import ByteDataset, TrainConfig, train
 
     if threads < 1:
         raise CLIError(f"--threads must be >= 1, got {threads}")
@@ -86,7 +86,7 @@ def train_command(
     )
     if text is None:
         data = default_corpus().encode("utf-8")
-        source = "Python's standard-library docstrings (tokenloss.corpus)"
+        source = "Python's standard-library docstrings (tokenloss.training.corpus)"
     else:
         if not text.is_file():
             raise FileNotFoundError(f"--text: no such file: {text}")
@@ -117,7 +117,7 @@ def train_command(
 
 
 def _write_outputs(out: Path, summary: dict) -> None:
-    from tokenloss.curves import plot_runs, read_log
+    from tokenloss.training.curves import plot_runs, read_log
 
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     run = read_log(out / "log.jsonl", name="ByteGPT")

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
+    from tokenloss.evaluation.scoring import TextScores
     from tokenloss.models import CausalLM
-    from tokenloss.scoring import TextScores
 
 DEFAULT_HOST = "127.0.0.1"
 MAX_BODY_BYTES = 16 * 1024
@@ -133,7 +133,7 @@ def _finite(x: float | None, digits: int = 6) -> float | None:
 
 
 def scores_to_json(scores: TextScores) -> dict:
-    """The JSON answer of ``/api/score`` from :func:`tokenloss.scoring.score_text`'s result.
+    """The JSON answer of ``/api/score`` from :func:`tokenloss.evaluation.scoring.score_text`'s result.
 
     Returns:
         ``{"model", "text", "tokens": [...], "n_scored", "mean_loss_nats", "mean_loss_bits",
@@ -226,7 +226,7 @@ class ExplainServer(ThreadingHTTPServer):
 
     def score(self, text: str) -> dict:
         """Score ``text`` with the model (loading it first if needed), one request at a time."""
-        from tokenloss.scoring import score_text
+        from tokenloss.evaluation.scoring import score_text
 
         model = self.model.get()
         with self._score_lock:

@@ -1,6 +1,6 @@
 """One interface to the causal language models tokenloss scores: the built-in byte GPT and Hugging Face models.
 
-:class:`CausalLM` is what scoring (:mod:`tokenloss.scoring`), ``tokenloss eval`` and the explain
+:class:`CausalLM` is what scoring (:mod:`tokenloss.evaluation.scoring`), ``tokenloss eval`` and the explain
 page need from a model: its tokenizer (ids, character offsets, display text of a token) and its
 next-token logits. :func:`load_model` returns one:
 

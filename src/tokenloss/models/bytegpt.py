@@ -2,7 +2,7 @@
 
 The tokenizer is the identity on UTF-8: token id = byte value, vocabulary size 256, no BOS token.
 The model is a standard pre-norm decoder (learned positions, causal self-attention, GELU MLP),
-small enough to train on a laptop CPU in minutes (:mod:`tokenloss.training`).
+small enough to train on a laptop CPU in minutes (:mod:`tokenloss.training.loop`).
 
 ``forward`` returns the final-norm hidden states and leaves the projection to the vocabulary to
 the loss (``tl.linear_cross_entropy(hidden, model.lm_head.weight, targets)``), so that training

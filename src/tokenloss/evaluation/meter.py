@@ -3,8 +3,9 @@
 :class:`LossMeter` keeps only sums (loss in nats, tokens, bytes, words, top-k hits, entropy,
 calibration bins), so that updating batch by batch, merging meters, or all-reducing them over a
 ``torch.distributed`` process group gives exactly the numbers of one pass over all the data. Its
-update and compute steps are the private ``_loss_update`` / ``_loss_compute`` of
-:mod:`tokenloss.metrics`, which :func:`tokenloss.metrics.summarize` uses too.
+update and compute steps are the private ``_loss_update`` / ``_loss_compute`` below, which
+:func:`summarize` (the functional form) uses too. :mod:`tokenloss.evaluation.metrics` holds the
+pure functions they are built from.
 
 The collective: :meth:`LossMeter.all_reduce` packs the floating sums into one float64 vector and the
 counts into one int64 vector and sums each over the group (two ``all_reduce`` calls); every state
@@ -18,13 +19,17 @@ import math
 import torch
 from torch import Tensor
 
-from tokenloss.metrics import (
+from tokenloss.evaluation.metrics import (
     DEFAULT_BINS,
     DEFAULT_TOP_K,
+    LN2,
     TokenStatistics,
+    _calibration_compute,
+    _calibration_update,
     _check_bins,
-    _loss_compute,
-    _loss_update,
+    bits_per_byte,
+    count_bytes,
+    count_words,
     token_statistics,
 )
 
@@ -93,13 +98,13 @@ class LossMeter:
             targets: ``(...)`` integer class indices; positions equal to ``ignore_index`` do not count.
 
         Raises:
-            TypeError, ValueError: as :func:`tokenloss.metrics.token_statistics`; a V that
+            TypeError, ValueError: as :func:`tokenloss.evaluation.metrics.token_statistics`; a V that
             differs from the meter's.
         """
         self.update_statistics(token_statistics(logits, targets, top_k=1, ignore_index=ignore_index))
 
     def update_statistics(self, stats: TokenStatistics) -> None:
-        """Adds per-token statistics already computed (:func:`tokenloss.metrics.token_statistics`).
+        """Adds per-token statistics already computed (:func:`tokenloss.evaluation.metrics.token_statistics`).
 
         Raises:
             ValueError: ``stats.vocab_size`` differs from the meter's V.
@@ -114,7 +119,7 @@ class LossMeter:
         """Adds the UTF-8 bytes and words of text whose tokens were (or will be) scored.
 
         Count each piece of text once (in a sharded run: on one rank only); see
-        :func:`tokenloss.metrics.count_bytes` and :func:`tokenloss.metrics.count_words`.
+        :func:`tokenloss.evaluation.metrics.count_bytes` and :func:`tokenloss.evaluation.metrics.count_words`.
 
         Raises:
             ValueError: a negative count.
@@ -234,3 +239,108 @@ class LossMeter:
         tokens = int(self.tokens)
         mean = float(self.loss_sum_nats) / tokens if tokens else math.nan
         return f"LossMeter(tokens={tokens}, loss_nats={mean:.4f}, bytes={int(self.bytes)}, words={int(self.words)})"
+
+
+# --------------------------------------------------------------------------------------------
+# The sums a loss meter keeps, and the numbers computed from them.
+
+
+def _loss_update(stats: TokenStatistics, *, n_bins: int, top_k: tuple[int, ...]) -> dict[str, Tensor]:
+    """Sufficient statistics of a batch of :class:`TokenStatistics`: sums only, all reducible by "sum"."""
+    count, confidence_sum, hits = _calibration_update(stats.confidence, stats.rank == 1, n_bins)
+    return {
+        "loss_sum_nats": -stats.log_prob.double().sum(),
+        "tokens": torch.tensor(len(stats), dtype=torch.int64, device=stats.log_prob.device),
+        "correct": torch.stack([(stats.rank <= k).sum() for k in top_k]).long(),
+        "entropy_sum_nats": stats.entropy.double().sum(),
+        "bin_count": count,
+        "bin_confidence_sum": confidence_sum,
+        "bin_correct": hits,
+    }
+
+
+def _clean(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _loss_compute(
+    sums: dict[str, Tensor],
+    *,
+    num_bytes: int,
+    num_words: int,
+    top_k: tuple[int, ...],
+    vocab_size: int | None,
+) -> dict:
+    """The reported numbers from the sums; every mean is one division of a sum.
+
+    Raises:
+        ValueError: no token was counted.
+    """
+    tokens = int(sums["tokens"])
+    if tokens == 0:
+        raise ValueError("no token was scored: call update() with at least one counted position first")
+    loss_sum = float(sums["loss_sum_nats"])
+    loss = loss_sum / tokens
+    bits = loss / LN2
+    correct = [int(c) for c in sums["correct"].tolist()]
+    diagram = _calibration_compute(sums["bin_count"], sums["bin_confidence_sum"], sums["bin_correct"])
+    result = {
+        "tokens": tokens,
+        "loss_sum_nats": loss_sum,
+        "loss_nats": loss,
+        "perplexity": _clean(math.exp(loss)) if loss < 700 else None,
+        "bits_per_token": bits,
+        "perplexity_base2": _clean(2.0**bits) if bits < 1000 else None,
+        "bytes": num_bytes,
+        "words": num_words,
+        "bits_per_byte": bits_per_byte(loss_sum, num_bytes) if num_bytes > 0 else None,
+        "byte_perplexity": _clean(_safe_exp(loss_sum / num_bytes)) if num_bytes > 0 else None,
+        "word_perplexity": _clean(_safe_exp(loss_sum / num_words)) if num_words > 0 else None,
+        "accuracy": correct[top_k.index(1)] / tokens if 1 in top_k else None,
+    }
+    for k, hits in zip(top_k, correct):
+        result[f"top{k}_accuracy"] = hits / tokens
+    result.update(
+        {
+            "entropy_nats": float(sums["entropy_sum_nats"]) / tokens,
+            "ece": diagram.ece,
+            "n_bins": len(diagram.count),
+            "vocab_size": vocab_size,
+            "log_vocab": math.log(vocab_size) if vocab_size else None,
+            "reliability": diagram.to_dict(),
+        }
+    )
+    return result
+
+
+def _safe_exp(value: float) -> float:
+    return math.exp(value) if value < 700 else math.inf
+
+
+def summarize(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    text: str | None = None,
+    ignore_index: int = -100,
+    n_bins: int = DEFAULT_BINS,
+    top_k: tuple[int, ...] = DEFAULT_TOP_K,
+) -> dict:
+    """All the numbers of one batch at once: the functional form of :class:`LossMeter`.
+
+    Args:
+        logits: ``(..., V)`` floating tensor; row ``i`` predicts ``targets[i]`` (no shift).
+        targets: ``(...)`` integer class indices or ``ignore_index``.
+        text: the text the counted targets spell, for the per-byte and per-word numbers.
+        ignore_index: target value of positions that do not count.
+        n_bins: calibration bins.
+        top_k: the k of each top-k accuracy reported.
+
+    Returns:
+        The dict of :meth:`LossMeter.compute`.
+    """
+    meter = LossMeter(n_bins=n_bins, top_k=top_k)
+    meter.update(logits, targets, ignore_index=ignore_index)
+    if text is not None:
+        meter.count_text(num_bytes=count_bytes(text), num_words=count_words(text))
+    return meter.compute()

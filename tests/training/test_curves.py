@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenloss.curves import (
+from tokenloss.training.curves import (
     LogFormatError,
     Run,
     Series,
@@ -24,7 +24,7 @@ from tokenloss.curves import (
     verdict,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "curves"
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "curves"
 
 
 def _falling(n: int = 50, start: float = 5.0, end: float = 2.0, noise: float = 0.03) -> Series:

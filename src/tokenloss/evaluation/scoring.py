@@ -20,7 +20,7 @@ of a window has at least one token of context, or BOS). Every window has the sam
 ``min(C, N)``, so windows batch without padding.
 
 Under ``torch.distributed`` (:func:`evaluate` with a process group) the windows are dealt out to the
-ranks round-robin, each rank scores its own, the :class:`~tokenloss.meter.LossMeter` sums are
+ranks round-robin, each rank scores its own, the :class:`~tokenloss.evaluation.meter.LossMeter` sums are
 all-reduced, and rank 0 can gather the per-token scores: the result equals the one-process run.
 """
 
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tokenloss.meter import LossMeter
-from tokenloss.metrics import DEFAULT_BINS, DEFAULT_TOP_K, LN2, TokenStatistics, count_bytes, count_words
+from tokenloss.evaluation.meter import LossMeter
+from tokenloss.evaluation.metrics import DEFAULT_BINS, DEFAULT_TOP_K, LN2, TokenStatistics, count_bytes, count_words
 from tokenloss.models import CausalLM
 
 
@@ -182,7 +182,7 @@ class TextScores:
         return count_bytes(self.text[:second_start])
 
     def statistics(self) -> TokenStatistics:
-        """The scored rows as :class:`~tokenloss.metrics.TokenStatistics`."""
+        """The scored rows as :class:`~tokenloss.evaluation.metrics.TokenStatistics`."""
         index = self.scored
         return TokenStatistics(
             log_prob=self.log_prob[index],
@@ -201,7 +201,7 @@ class TextScores:
         top_k: tuple[int, ...] = DEFAULT_TOP_K,
         count_text: bool = True,
     ) -> LossMeter:
-        """A :class:`~tokenloss.meter.LossMeter` of the scored tokens.
+        """A :class:`~tokenloss.evaluation.meter.LossMeter` of the scored tokens.
 
         Args:
             count_text: also count the scored text's bytes and words (:attr:`scored_bytes`,
@@ -478,8 +478,8 @@ def _score_windows(
 
 
 def token_stats_cpu(rows: Tensor, targets: Tensor, k: int) -> TokenStatistics:
-    """:func:`tokenloss.metrics.token_statistics` of ``(n, V)`` rows, moved to the CPU."""
-    from tokenloss.metrics import token_statistics
+    """:func:`tokenloss.evaluation.metrics.token_statistics` of ``(n, V)`` rows, moved to the CPU."""
+    from tokenloss.evaluation.metrics import token_statistics
 
     stats = token_statistics(rows, targets, top_k=k)
     return TokenStatistics(

@@ -1,4 +1,4 @@
-"""Tests of tokenloss.scoring: sliding windows score each token once, and match a full-context pass."""
+"""Tests of tokenloss.evaluation.scoring: sliding windows score each token once, and match a full-context pass."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.testing import assert_close
 
+from tokenloss.evaluation.scoring import TextScores, evaluate, plan_windows, score_text
 from tokenloss.models import ByteLM, CausalLM
 from tokenloss.models.bytegpt import ByteGPT, GPTConfig
-from tokenloss.scoring import TextScores, evaluate, plan_windows, score_text
 
 ALPHABET = "abcdefghij "
 TEXT = "the quick brown fox jumps over the lazy dog; naïve café ✓ 🙂"

@@ -1,4 +1,4 @@
-"""Tests of tokenloss.reports: per-token CSV/JSONL, the reliability PNG, and the self-contained, escaped HTML."""
+"""tokenloss.evaluation.reports: per-token CSV/JSONL, the reliability PNG, and the self-contained, escaped HTML."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from tokenloss import reports
+from tokenloss.evaluation import reports
+from tokenloss.evaluation.scoring import evaluate
 from tokenloss.models import ByteLM
 from tokenloss.models.bytegpt import ByteGPT, GPTConfig
-from tokenloss.scoring import evaluate
 
 # Markup, quotes, a comma, a newline, multi-byte characters: everything a report must escape or keep.
 NASTY = 'Tom & "Jerry" <script>alert(1)</script>, it\'s\nnaïve 🙂 <b>bold</b>'

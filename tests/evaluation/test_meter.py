@@ -1,4 +1,4 @@
-"""Tests of tokenloss.meter.LossMeter: streaming, merging and all-reducing give the one-pass float64 numbers."""
+"""tokenloss.evaluation.meter.LossMeter: streaming, merging and all-reducing give the one-pass float64 numbers."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tokenloss import meter as meter_module
-from tokenloss.meter import LossMeter
+from tokenloss.evaluation import meter as meter_module
+from tokenloss.evaluation.meter import LossMeter
 
 VOCAB = 23
 TEXTS = ["first batch of words", "the second, with ünïcödé", "and a third\n", "last one"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tokenloss.corpus import MODULES, corpus_fingerprint, default_corpus, stdlib_docstrings
 from tokenloss.models.bytegpt import ByteGPT, GPTConfig
-from tokenloss.training import ByteDataset, TrainConfig, learning_rate, next_byte_loss, train
+from tokenloss.training.corpus import MODULES, corpus_fingerprint, default_corpus, stdlib_docstrings
+from tokenloss.training.loop import ByteDataset, TrainConfig, learning_rate, next_byte_loss, train
 
 TINY = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
 TEXT = (

@@ -20,8 +20,8 @@ import json
 import math
 from pathlib import Path
 
+from tokenloss.evaluation.scoring import TextScores
 from tokenloss.models import display_token
-from tokenloss.scoring import TextScores
 
 CSV_COLUMNS = (
     "index",
@@ -66,7 +66,7 @@ def reliability_png(reliability: dict, *, title: str = "Reliability diagram") ->
     """A PNG of a reliability diagram: accuracy per confidence bin against the diagonal, counts below.
 
     Args:
-        reliability: :meth:`tokenloss.metrics.ReliabilityDiagram.to_dict` (``result["reliability"]``).
+        reliability: :meth:`tokenloss.evaluation.metrics.ReliabilityDiagram.to_dict` (``result["reliability"]``).
 
     Raises:
         ImportError: matplotlib is not installed.
@@ -198,7 +198,7 @@ def render_html(
 
     Args:
         scores: per-token scores of the whole text.
-        result: the evaluation's numbers (:attr:`tokenloss.scoring.Evaluation.result`).
+        result: the evaluation's numbers (:attr:`tokenloss.evaluation.scoring.Evaluation.result`).
         most_surprising: how many of the most surprising tokens to list.
         reliability_png_bytes: a PNG to embed (None: no picture).
         title: the page title.

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tokenloss.functional import cross_entropy
+
 LN2 = math.log(2.0)
 DEFAULT_BINS = 15
 DEFAULT_TOP_K = (1, 5)
@@ -251,8 +253,6 @@ def token_statistics(
         ValueError: shapes that do not match, a target outside ``[0, V)``, non-finite logits
             in a kept row (from :func:`tokenloss.cross_entropy`).
     """
-    from tokenloss.functional import cross_entropy
-
     rows, flat_targets = _flatten(logits, targets, ignore_index)
     n_rows, vocab_size = rows.shape
     k = max(1, min(int(top_k), vocab_size))
@@ -428,110 +428,3 @@ def expected_calibration_error(confidence: Tensor, correct: Tensor, *, n_bins: i
         0.25
     """
     return reliability_diagram(confidence, correct, n_bins=n_bins).ece
-
-
-# --------------------------------------------------------------------------------------------
-# The sums a loss meter keeps, and the numbers computed from them (shared with LossMeter).
-
-
-def _loss_update(stats: TokenStatistics, *, n_bins: int, top_k: tuple[int, ...]) -> dict[str, Tensor]:
-    """Sufficient statistics of a batch of :class:`TokenStatistics`: sums only, all reducible by "sum"."""
-    count, confidence_sum, hits = _calibration_update(stats.confidence, stats.rank == 1, n_bins)
-    return {
-        "loss_sum_nats": -stats.log_prob.double().sum(),
-        "tokens": torch.tensor(len(stats), dtype=torch.int64, device=stats.log_prob.device),
-        "correct": torch.stack([(stats.rank <= k).sum() for k in top_k]).long(),
-        "entropy_sum_nats": stats.entropy.double().sum(),
-        "bin_count": count,
-        "bin_confidence_sum": confidence_sum,
-        "bin_correct": hits,
-    }
-
-
-def _clean(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def _loss_compute(
-    sums: dict[str, Tensor],
-    *,
-    num_bytes: int,
-    num_words: int,
-    top_k: tuple[int, ...],
-    vocab_size: int | None,
-) -> dict:
-    """The reported numbers from the sums; every mean is one division of a sum.
-
-    Raises:
-        ValueError: no token was counted.
-    """
-    tokens = int(sums["tokens"])
-    if tokens == 0:
-        raise ValueError("no token was scored: call update() with at least one counted position first")
-    loss_sum = float(sums["loss_sum_nats"])
-    loss = loss_sum / tokens
-    bits = loss / LN2
-    correct = [int(c) for c in sums["correct"].tolist()]
-    diagram = _calibration_compute(sums["bin_count"], sums["bin_confidence_sum"], sums["bin_correct"])
-    result = {
-        "tokens": tokens,
-        "loss_sum_nats": loss_sum,
-        "loss_nats": loss,
-        "perplexity": _clean(math.exp(loss)) if loss < 700 else None,
-        "bits_per_token": bits,
-        "perplexity_base2": _clean(2.0**bits) if bits < 1000 else None,
-        "bytes": num_bytes,
-        "words": num_words,
-        "bits_per_byte": bits_per_byte(loss_sum, num_bytes) if num_bytes > 0 else None,
-        "byte_perplexity": _clean(_safe_exp(loss_sum / num_bytes)) if num_bytes > 0 else None,
-        "word_perplexity": _clean(_safe_exp(loss_sum / num_words)) if num_words > 0 else None,
-        "accuracy": correct[top_k.index(1)] / tokens if 1 in top_k else None,
-    }
-    for k, hits in zip(top_k, correct):
-        result[f"top{k}_accuracy"] = hits / tokens
-    result.update(
-        {
-            "entropy_nats": float(sums["entropy_sum_nats"]) / tokens,
-            "ece": diagram.ece,
-            "n_bins": len(diagram.count),
-            "vocab_size": vocab_size,
-            "log_vocab": math.log(vocab_size) if vocab_size else None,
-            "reliability": diagram.to_dict(),
-        }
-    )
-    return result
-
-
-def _safe_exp(value: float) -> float:
-    return math.exp(value) if value < 700 else math.inf
-
-
-def summarize(
-    logits: Tensor,
-    targets: Tensor,
-    *,
-    text: str | None = None,
-    ignore_index: int = -100,
-    n_bins: int = DEFAULT_BINS,
-    top_k: tuple[int, ...] = DEFAULT_TOP_K,
-) -> dict:
-    """All the numbers of one batch at once: the functional form of :class:`tokenloss.meter.LossMeter`.
-
-    Args:
-        logits: ``(..., V)`` floating tensor; row ``i`` predicts ``targets[i]`` (no shift).
-        targets: ``(...)`` integer class indices or ``ignore_index``.
-        text: the text the counted targets spell, for the per-byte and per-word numbers.
-        ignore_index: target value of positions that do not count.
-        n_bins: calibration bins.
-        top_k: the k of each top-k accuracy reported.
-
-    Returns:
-        The dict of :meth:`tokenloss.meter.LossMeter.compute`.
-    """
-    from tokenloss.meter import LossMeter
-
-    meter = LossMeter(n_bins=n_bins, top_k=top_k)
-    meter.update(logits, targets, ignore_index=ignore_index)
-    if text is not None:
-        meter.count_text(num_bytes=count_bytes(text), num_words=count_words(text))
-    return meter.compute()
