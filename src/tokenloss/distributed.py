@@ -177,6 +177,36 @@ def _localize_targets(prepared: PreparedTargets, layout: ShardLayout, options: L
     return torch.where(in_shard, local, torch.zeros_like(local)), in_shard
 
 
+def _prepare_shard(
+    inputs: Tensor,
+    input_name: str,
+    local_size: int,
+    targets: Tensor,
+    options: LossOptions,
+    mask: Tensor | None,
+    token_weights: Tensor | None,
+    num_items: int | float | Tensor | None,
+    vocab_sizes: Sequence[int] | None,
+    group,
+) -> tuple[PreparedTargets, ShardLayout, Tensor, Tensor]:
+    """The preparation of both vocabulary-parallel losses: targets prepared against ``inputs``'
+    leading shape, this rank's slice of the vocabulary, and the targets moved into its columns
+    (checked against the whole V, not V_local)."""
+    prepared = prepare_targets(
+        tuple(inputs.shape[:-1]),
+        targets,
+        None,  # the range is checked against the whole V by _localize_targets
+        options,
+        mask=mask,
+        token_weights=token_weights,
+        num_items=num_items,
+        input_name=input_name,
+    )
+    layout = shard_layout(local_size, vocab_sizes, group, inputs.device)
+    local_targets, in_shard = _localize_targets(prepared, layout, options)
+    return prepared, layout, local_targets, in_shard
+
+
 def combine_statistics(local: RowStatistics, in_shard: Tensor, group) -> RowStatistics:
     """Whole-vocabulary statistics from every rank's slice statistics: two collectives of O(N).
 
@@ -317,18 +347,9 @@ def vocab_parallel_cross_entropy(
     """
     check_logits(logits_shard, "logits_shard")
     local_size = logits_shard.shape[-1]
-    prepared = prepare_targets(
-        tuple(logits_shard.shape[:-1]),
-        targets,
-        None,  # the range is checked against the whole V below
-        options,
-        mask=mask,
-        token_weights=token_weights,
-        num_items=num_items,
-        input_name="logits_shard",
+    prepared, layout, local_targets, in_shard = _prepare_shard(
+        logits_shard, "logits_shard", local_size, targets, options, mask, token_weights, num_items, vocab_sizes, group
     )
-    layout = shard_layout(local_size, vocab_sizes, group, logits_shard.device)
-    local_targets, in_shard = _localize_targets(prepared, layout, options)
     rows = VocabParallelCrossEntropyFunction.apply(
         logits_shard.reshape(-1, local_size),
         local_targets,
@@ -485,18 +506,9 @@ def vocab_parallel_linear_cross_entropy(
     """
     check_linear_inputs(hidden, weight_shard, bias_shard, weight_name="weight_shard", bias_name="bias_shard")
     local_size, dim = weight_shard.shape
-    prepared = prepare_targets(
-        tuple(hidden.shape[:-1]),
-        targets,
-        None,  # the range is checked against the whole V below
-        options,
-        mask=mask,
-        token_weights=token_weights,
-        num_items=num_items,
-        input_name="hidden",
+    prepared, layout, local_targets, in_shard = _prepare_shard(
+        hidden, "hidden", local_size, targets, options, mask, token_weights, num_items, vocab_sizes, group
     )
-    layout = shard_layout(local_size, vocab_sizes, group, hidden.device)
-    local_targets, in_shard = _localize_targets(prepared, layout, options)
     flat_hidden, weights = hidden.reshape(-1, dim), prepared.weights
     # Rows that do not count never reach a product (nor their non-finite values a gradient). The
     # targets are the same on every rank, so every rank keeps the same rows and the collectives match.

@@ -429,6 +429,16 @@ def _recompute_gradients(ctx, grad_rows: Tensor) -> tuple[Tensor | None, Tensor 
     return sink.gradients()
 
 
+def gradients_needed(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[bool, bool, bool]:
+    """Whether the gradient of hidden, weight and bias is wanted (grad mode on and the tensor requires it)."""
+    grad_on = torch.is_grad_enabled()
+    return (
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+
+
 def counted_row_index(counted: Tensor) -> Tensor | None:
     """Indices ``(M,)`` of the rows that count, or None when all do (then nothing is copied).
 
@@ -469,12 +479,7 @@ def linear_cross_entropy_loss(
     chunk_rows = fused_chunk_rows(
         rows_hidden.shape[0], weight.shape[0], chunk_size=options.chunk_size, device=hidden.device
     )
-    grad_on = torch.is_grad_enabled()
-    needs = (
-        grad_on and hidden.requires_grad,
-        grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad,
-    )
+    needs = gradients_needed(hidden, weight, bias)
     loss = LinearCrossEntropyFunction.apply(
         rows_hidden.contiguous(),
         weight.contiguous(),

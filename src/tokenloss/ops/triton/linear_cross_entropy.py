@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tokenloss.ops.linear_cross_entropy import gradients_needed
 from tokenloss.ops.rowwise import (
     RowStatistics,
     accumulation_dtype,
@@ -556,12 +557,7 @@ def linear_cross_entropy_loss(
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and tensor.dtype != hidden.dtype:
             raise TypeError(f"{name} must have the dtype of hidden ({hidden.dtype}), got {tensor.dtype}")
-    grad_on = torch.is_grad_enabled()
-    needs = (
-        grad_on and hidden.requires_grad,
-        grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad,
-    )
+    needs = gradients_needed(hidden, weight, bias)
     return TritonLinearCrossEntropyFunction.apply(
         hidden.contiguous(),
         weight.contiguous(),
