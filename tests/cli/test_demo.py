@@ -38,13 +38,14 @@ def test_tables_show_the_numbers(capsys):
     """The human output is readable tables with the worked numbers and a benchmark row."""
     assert main(["demo", "--bench-size", "16x50", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    for text in ("0.357", "2.996", "3.91", "mean 1.81 nats", "1.609", "5.545", "softmax - onehot", "(16, 50)"):
+    for text in ("0.357", "2.996", "3.91", "mean 1.8091 nats", "exp(1.8091) = 6.10", "1.609", "5.545", "softmax - onehot", "(16, 50)"):
         assert text in out, text
     assert "tokenloss.cross_entropy" in out and "speed-up" in out
 
 
 def test_benchmark_options_reach_the_benchmark(capsys, monkeypatch):
-    """--bench-size and --repeats are passed on (defaults: 2048x32000, 3 rounds); the row is printed."""
+    """The benchmark is opt-in: none by default; --bench runs 2048x32000, 3 rounds; --bench-size implies
+    --bench; --bench-size and --repeats are passed on; the row is printed."""
     calls = []
 
     def fake_row(n_rows, vocab_size, repeats):
@@ -60,7 +61,8 @@ def test_benchmark_options_reach_the_benchmark(capsys, monkeypatch):
         }
 
     monkeypatch.setattr(demo, "benchmark_row", fake_row)
-    assert run_json(capsys)["benchmark"]["speedup"] == 2.0
+    assert run_json(capsys)["benchmark"] is None
+    assert run_json(capsys, "--bench")["benchmark"]["speedup"] == 2.0
     run_json(capsys, "--bench-size", "128X7", "--repeats", "2")
     assert calls == [(2048, 32000, 3), (128, 7, 2)]
 

@@ -2,7 +2,7 @@
 
 Every number is computed by :func:`tokenloss.cross_entropy` (nothing is hard-coded but the
 probabilities of the examples), so the demo doubles as a smoke test of an installation. It
-finishes in a few seconds on a laptop CPU; ``--no-bench`` skips the only part that takes time.
+prints in a few seconds; the benchmark row, the only part that takes time, is opt-in (``--bench``).
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from tokenloss.cli.errors import CLIError
 EXAMPLES = """
 Examples:
 
-  tokenloss demo                        # the tables
+  tokenloss demo                        # the worked examples (a few seconds)
 
   tokenloss demo --json                 # one JSON object
 
-  tokenloss demo --bench-size 8192x32000 --repeats 5
+  tokenloss demo --bench                # plus one benchmark row at 2048x32000 (about half a minute)
 
-  tokenloss demo --no-bench             # only the worked examples (instant)
+  tokenloss demo --bench-size 8192x32000 --repeats 5
 """
 
 WORKED_PROBABILITIES = (0.99, 0.95, 0.9, 0.7, 0.5, 0.05, 0.001)
@@ -34,6 +34,7 @@ SENTENCE = (("The", 0.02), ("quick", 0.15), ("brown", 0.40), ("fox", 0.60))
 UNIFORM_VOCABULARIES = (5, 256, 32000, 128256)
 GRADIENT_LOGITS = (2.0, 1.0, 0.1, -1.0)
 GRADIENT_TARGET = 0
+DEFAULT_BENCH_SIZE = "2048x32000"
 
 
 def _two_class_logits(probabilities):
@@ -187,8 +188,9 @@ def format_demo(result: dict) -> str:
             ["token", "p", "loss (nats)"],
             [[t["word"], f"{t['p']:.2f}", f"{t['loss_nats']:.2f}"] for t in result["sentence"]["tokens"]],
         ),
-        f"  mean {result['sentence']['mean_nats']:.2f} nats = {result['sentence']['mean_bits']:.2f} bits per token;"
-        f" perplexity exp({result['sentence']['mean_nats']:.2f}) = {result['sentence']['perplexity']:.2f}",
+        # The perplexity is shown with the mean it is computed from (exp(1.81) would be 6.11, not 6.10).
+        f"  mean {result['sentence']['mean_nats']:.4f} nats = {result['sentence']['mean_bits']:.4f} bits per token;"
+        f" perplexity exp({result['sentence']['mean_nats']:.4f}) = {result['sentence']['perplexity']:.2f}",
         "",
         "A uniform guess over V tokens (all logits equal) costs log V: the loss of an untrained model",
         _table(
@@ -260,18 +262,25 @@ def register(app: typer.Typer) -> None:
     @app.command(
         "demo",
         help="The cross-entropy loss by example: -log p, a sentence's mean loss and perplexity, the log V of a "
-        "uniform guess, the gradient softmax - onehot, and tokenloss vs F.cross_entropy on one benchmark row.",
+        "uniform guess, the gradient softmax - onehot; with --bench, tokenloss vs F.cross_entropy on one "
+        "benchmark row.",
         epilog=EXAMPLES,
     )
     def demo_command(
         json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
         bench_size: Annotated[
-            str, typer.Option("--bench-size", help="N x V of the benchmark row's float32 logits.")
-        ] = "2048x32000",
+            str | None,
+            typer.Option(
+                "--bench-size",
+                help="N x V of the benchmark row's float32 logits (implies --bench).",
+                show_default="2048x32000",
+            ),
+        ] = None,
         repeats: Annotated[int, typer.Option("--repeats", help="Timed rounds of the benchmark (median).")] = 3,
-        bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Run the benchmark row.")] = True,
+        bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Run the benchmark row (opt-in).")] = False,
     ) -> None:
-        size = parse_size(bench_size) if bench else None
+        run_bench = bench or bench_size is not None
+        size = parse_size(bench_size or DEFAULT_BENCH_SIZE) if run_bench else None
         if repeats < 1:
             raise CLIError(f"--repeats must be >= 1, got {repeats}")
         result = run_demo(size, repeats)
