@@ -38,7 +38,17 @@ def test_tables_show_the_numbers(capsys):
     """The human output is readable tables with the worked numbers and a benchmark row."""
     assert main(["demo", "--bench-size", "16x50", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    for text in ("0.357", "2.996", "3.91", "mean 1.8091 nats", "exp(1.8091) = 6.10", "1.609", "5.545", "softmax - onehot", "(16, 50)"):
+    for text in (
+        "0.357",
+        "2.996",
+        "3.91",
+        "mean 1.8091 nats",
+        "exp(1.8091) = 6.10",
+        "1.609",
+        "5.545",
+        "softmax - onehot",
+        "(16, 50)",
+    ):
         assert text in out, text
     assert "tokenloss.cross_entropy" in out and "speed-up" in out
 

@@ -176,6 +176,13 @@ def test_js_math_agrees_with_tokenloss(page):
     assert len(got["rows"]) == len(vectors["rows"]) >= 20
 
 
+def test_page_spells_numbers_as_the_terminal_does(page):
+    """window.tokenlossMath.formatNumber gives format_number's text on every vector (one formatter everywhere)."""
+    cases = generate_vectors()["formats"]
+    got = page.evaluate("v => v.map(c => window.tokenlossMath.formatNumber(c.value, c.digits))", cases)
+    assert got == [case["text"] for case in cases]
+
+
 def test_drag_bars_with_the_mouse(page):
     """Dragging the target's bar up lowers the loss, a wrong word's raises it; the numbers are tokenloss's."""
     assert number(page, "#loss-nats") == pytest.approx(expected_loss(page), abs=5e-4)

@@ -267,7 +267,7 @@ def register(app: typer.Typer) -> None:
         epilog=EXAMPLES,
     )
     def demo_command(
-        json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
         bench_size: Annotated[
             str | None,
             typer.Option(
@@ -284,4 +284,4 @@ def register(app: typer.Typer) -> None:
         if repeats < 1:
             raise CLIError(f"--repeats must be >= 1, got {repeats}")
         result = run_demo(size, repeats)
-        print(json.dumps(result) if json_output else format_demo(result))
+        print(json.dumps(result) if as_json else format_demo(result))

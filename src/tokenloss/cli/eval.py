@@ -121,16 +121,9 @@ def _clean(value):
     return value
 
 
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.{digits}f}" if abs(value) < 1e7 else f"{value:.4e}"
-
-
 def format_summary(result: dict) -> str:
     """The human-readable summary: settings, the first token, and the metrics table."""
+    from tokenloss.evaluation.formatting import format_number
     from tokenloss.models import display_token
 
     first = result.get("first_token") or {}
@@ -150,7 +143,7 @@ def format_summary(result: dict) -> str:
         lines.append("BOS      no (" + result["bos_reason"] + ")")
         lines.append(f"first    {token!r} not scored (no context); the numbers below count the other tokens")
     top_k = [key for key in result if key.startswith("top") and key.endswith("_accuracy") and key != "top1_accuracy"]
-    extra_acc = ", ".join(f"{key[3:-9]}: {_fmt(result[key])}" for key in top_k)
+    extra_acc = ", ".join(f"{key[3:-9]}: {format_number(result[key])}" for key in top_k)
     rows = [
         ("tokens", result["tokens"], "scored tokens"),
         ("loss", result["loss_nats"], "nats per token"),
@@ -165,10 +158,10 @@ def format_summary(result: dict) -> str:
         ("log V", result["log_vocab"], f"nats: the loss of an untrained (uniform) model, V = {result['vocab_size']}"),
     ]
     name_width = max(len(name) for name, _, _ in rows)
-    value_width = max(len(_fmt(value)) for _, value, _ in rows)
+    value_width = max(len(format_number(value)) for _, value, _ in rows)
     lines.append("")
     for name, value, note in rows:
-        lines.append(f"  {name:<{name_width}}  {_fmt(value):>{value_width}}  {note}")
+        lines.append(f"  {name:<{name_width}}  {format_number(value):>{value_width}}  {note}")
     return "\n".join(lines)
 
 

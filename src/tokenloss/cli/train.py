@@ -38,7 +38,9 @@ def train_command(
     steps: Annotated[int, typer.Option("--steps", help="Most optimizer steps (early stopping may end sooner).")] = 600,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Directory for config.json, model.safetensors, log.jsonl, loss.png, training.json."),
+        typer.Option(
+            "--out", "-o", help="Directory for config.json, model.safetensors, log.jsonl, loss.png, training.json."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the weights and the batches.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per step.")] = 16,

@@ -20,6 +20,7 @@ import json
 import math
 from pathlib import Path
 
+from tokenloss.evaluation.formatting import format_number
 from tokenloss.evaluation.scoring import TextScores
 from tokenloss.models import display_token
 
@@ -178,14 +179,6 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 """
 
 
-def _number(value, digits: int = 4) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.{digits}f}" if abs(value) < 1e6 else f"{value:.4g}"
-
-
 def render_html(
     scores: TextScores,
     result: dict,
@@ -245,7 +238,7 @@ def render_html(
         ("log V", result.get("log_vocab"), f"loss of a uniform guess over V = {result.get('vocab_size')}"),
     ]
     summary = "".join(
-        f'<tr><td>{esc(name)}</td><td class="num">{esc(_number(value))}</td><td>{esc(note)}</td></tr>'
+        f'<tr><td>{esc(name)}</td><td class="num">{esc(format_number(value))}</td><td>{esc(note)}</td></tr>'
         for name, value, note in summary_rows
     )
 

@@ -16,6 +16,7 @@ import sys
 import torch
 
 import tokenloss
+from tokenloss.evaluation.formatting import format_vectors
 
 # (name, logits, targets): each target is scored against the same row of logits.
 _FIXED_ROWS: tuple[tuple[str, list[float], tuple[int, ...]], ...] = (
@@ -89,12 +90,13 @@ def generate_vectors(seed: int = 0) -> dict:
         seed: seed of the random rows.
 
     Returns:
-        ``{"rows": [...], "batches": [...], "sentences": [...]}``. A row holds ``logits`` (V floats,
+        ``{"rows": [...], "batches": [...], "sentences": [...], "formats": [...]}``. A row holds ``logits`` (V floats,
         exactly representable in float32), ``target``, and tokenloss's ``loss`` (nats, float32
         precision), ``logsumexp``, ``softmax`` (float64) and ``gradient`` (``softmax - onehot``,
         float32). A batch holds ``rows``, ``targets``, ``ignore_index`` and the ``mean_loss`` over
         counted rows (0.0 if none counts). A sentence holds ``probs``, per-token ``losses`` and
-        ``mean_loss``.
+        ``mean_loss``. ``formats`` holds ``value``, ``digits`` and the ``text`` of
+        :func:`tokenloss.evaluation.formatting.format_number`.
     """
     generator = torch.Generator().manual_seed(seed)
     rows = []
@@ -119,7 +121,7 @@ def generate_vectors(seed: int = 0) -> dict:
         _probs_case("the exercise: p = 0.5 and 0.9", (0.5, 0.9)),
         _probs_case("reference numbers", (0.7, 0.95, 0.05, 0.99, 0.001)),
     ]
-    return {"rows": rows, "batches": batches, "sentences": sentences}
+    return {"rows": rows, "batches": batches, "sentences": sentences, "formats": format_vectors()}
 
 
 def main() -> None:

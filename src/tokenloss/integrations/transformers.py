@@ -31,6 +31,7 @@ are fine). The Trainer's own ``label_smoothing_factor`` bypasses the model's los
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import types
@@ -265,15 +266,13 @@ def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any):
 
 
 def _output(outputs, loss, logits):
+    """The model's output class filled from the base model's output, whatever this transformers
+    version calls its fields (``past_key_values`` in 4.x and early 5.x, ``cache`` later)."""
     from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions, CausalLMOutputWithPast
 
-    fields = dict(
-        loss=loss,
-        logits=logits,
-        cache=getattr(outputs, "cache", None),
-        hidden_states=getattr(outputs, "hidden_states", None),
-        attentions=getattr(outputs, "attentions", None),
-    )
-    if hasattr(outputs, "cross_attentions"):
-        return CausalLMOutputWithCrossAttentions(cross_attentions=outputs.cross_attentions, **fields)
-    return CausalLMOutputWithPast(**fields)
+    output_class = CausalLMOutputWithCrossAttentions if hasattr(outputs, "cross_attentions") else CausalLMOutputWithPast
+    values = {"loss": loss, "logits": logits}
+    for field in dataclasses.fields(output_class):
+        if field.name not in values:
+            values[field.name] = getattr(outputs, field.name, None)
+    return output_class(**values)

@@ -49,12 +49,9 @@
     return s === "-" + (0).toFixed(d) ? (0).toFixed(d) : s;
   }
 
-  /** Perplexity, readable whatever its size. */
+  /** Perplexity with 2 decimals, spelled as the terminal and the HTML report spell numbers. */
   function fmtPpl(x) {
-    if (!isFinite(x)) return "∞";
-    if (x >= 1e6) return x.toExponential(2);
-    if (x >= 1000) return x.toFixed(0);
-    return x.toFixed(2);
+    return M.formatNumber(x, 2);
   }
 
   /** A positive number for a formula: 3 significant digits, powers of ten when large or small. */

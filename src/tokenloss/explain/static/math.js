@@ -85,6 +85,26 @@
   /** Perplexity from a loss in nats: exp(loss) (= 2 ** loss in bits). */
   function perplexity(lossNats) { return Math.exp(lossNats); }
 
+  /**
+   * A number with d decimals, spelled as tokenloss.evaluation.formatting.format_number spells it in the
+   * terminal and the HTML report: fixed point below 1e6 ("14.02"), scientific from there ("5.90e+06"),
+   * "inf", "-inf", "nan", never "-0.00".
+   */
+  function formatNumber(x, d) {
+    if (x !== x) return "nan";
+    if (x === Infinity) return "inf";
+    if (x === -Infinity) return "-inf";
+    if (Math.abs(x) < 1e6) {
+      var s = x.toFixed(d);
+      return Number(s) === 0 && s.charAt(0) === "-" ? s.slice(1) : s;
+    }
+    var parts = x.toExponential(d).split("e");
+    var exponent = parts[1];
+    var sign = exponent.charAt(0);
+    var digits = exponent.slice(1);
+    return parts[0] + "e" + sign + (digits.length < 2 ? "0" + digits : digits);
+  }
+
   var api = {
     logSumExp: logSumExp,
     logSoftmax: logSoftmax,
@@ -97,6 +117,7 @@
     natsToBits: natsToBits,
     bitsToNats: bitsToNats,
     perplexity: perplexity,
+    formatNumber: formatNumber,
   };
   root.tokenlossMath = Object.freeze(api);
 })(typeof window !== "undefined" ? window : globalThis);
