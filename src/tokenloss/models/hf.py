@@ -122,7 +122,11 @@ def load_hf_model(directory: str | Path, *, device: torch.device, dtype: torch.d
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"cannot load a tokenizer from {str(directory)!r}: {_first_line(error)}") from None
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype)
+            # transformers < 4.56 calls the argument torch_dtype (and passes an unknown `dtype` to the model).
+            dtype_argument = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                directory, local_files_only=True, **{dtype_argument: dtype}
+            )
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"cannot load a causal LM from {str(directory)!r}: {_first_line(error)}") from None
     finally:
@@ -131,3 +135,9 @@ def load_hf_model(directory: str | Path, *, device: torch.device, dtype: torch.d
             transformers.utils.logging.enable_progress_bar()
     model = model.to(device)
     return HFCausalLM(model, tokenizer, name=directory.resolve().name)
+
+
+def _version(text: str) -> tuple[int, int]:
+    """``"4.51.3"`` -> ``(4, 51)``; ``"5.0.0.dev0"`` -> ``(5, 0)``."""
+    major, minor = (text.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
