@@ -29,7 +29,7 @@ from tokenloss.distributed import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
 )
-from tokenloss.options import LossOptions, prepare_targets
+from tokenloss.options import OPTION_NAMES, LossOptions, prepare_targets
 from tokenloss.reference import reference_cross_entropy
 
 WORLD_SIZES = (2, 3)
@@ -277,6 +277,8 @@ def compare_linear_variant(rank: int, world: int, *, seed: int, layout: str, bia
     weight = torch.randn(vocab_size, dim, generator=gen, dtype=torch.float64).to(dtype)
     bias_full = torch.randn(vocab_size, generator=gen, dtype=torch.float64).to(dtype) if bias else None
     _, targets, mask, token_weights = make_logits_case(seed, vocab_size=vocab_size)
+    if "ignore_index" in opts:
+        targets = torch.where(targets == -100, opts["ignore_index"], targets)
     if opts.pop("use_mask", False):
         opts["mask"] = mask
     if opts.pop("use_token_weights", False):
@@ -317,6 +319,11 @@ LINEAR_CASES = {
     "plain": dict(bias=False),
     "bias": dict(bias=True),
     "reduction_none": dict(bias=True, reduction="none"),
+    "reduction_sum_shift": dict(bias=False, reduction="sum", shift=True),
+    "ignore_index_custom": dict(bias=False, ignore_index=3),
+    "softcap": dict(bias=False, softcap=2.0),
+    "focal_gamma": dict(bias=False, focal_gamma=2.0),
+    "check_inputs_off": dict(bias=True, check_inputs=False),
     "chunk_size_2": dict(bias=False, chunk_size=2, label_smoothing=0.1),
     "float64": dict(bias=True, dtype=torch.float64, z_loss=0.01),
     "all_options": dict(
@@ -331,6 +338,15 @@ LINEAR_CASES = {
         num_items=6,
     ),
 }
+
+
+def test_cases_cover_every_loss_option() -> None:
+    """Both vocabulary-parallel functions are checked with each LossOptions field set away from its
+    default: a new option fails here until it has a distributed case."""
+    for cases in (OPTION_CASES, LINEAR_CASES):
+        covered = set().union(*(opts.keys() for opts in cases.values()))
+        missing = set(OPTION_NAMES) - covered
+        assert not missing, f"no distributed case sets {sorted(missing)}"
 
 
 def _register_linear_case(name: str, opts: dict) -> None:

@@ -75,6 +75,19 @@ def test_same_seed_same_run_other_seed_other_run():
     assert losses[0] != losses[2]
 
 
+def test_rerun_gives_bit_identical_weight_tensors(tmp_path):
+    """What the README promises: on one machine and torch build, with the same seed and thread count, a
+    re-run saves bit-identical weight tensors (the file's bytes are not compared: its header order may vary)."""
+    from safetensors.torch import load_file
+
+    for name in ("a", "b"):
+        train(_dataset(), TINY, _quick(steps=12, seed=5), out_dir=tmp_path / name, progress=False)
+    first, second = (load_file(tmp_path / name / "model.safetensors") for name in ("a", "b"))
+    assert first.keys() == second.keys() and len(first) > 0
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
 def test_early_stopping_after_patience_evaluations():
     """With lr = 0 the validation loss never improves: the run stops after `patience` evaluations past the first."""
     result = train(_dataset(), TINY, _quick(steps=100, lr=0.0, min_lr=0.0, patience=2), progress=False)

@@ -113,9 +113,14 @@ def patch(model: nn.Module, *, skip_logits: bool | None = None, **loss_options: 
         ValueError: an option out of range (as :func:`tokenloss.linear_cross_entropy`).
 
     Examples:
-        >>> from tokenloss.integrations.transformers import patch  # doctest: +SKIP
-        >>> model = patch(AutoModelForCausalLM.from_pretrained(path))  # doctest: +SKIP
-        >>> model(input_ids, labels=input_ids).loss.backward()  # no (B, T, V) logits  # doctest: +SKIP
+        >>> import torch
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = patch(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)))
+        >>> _ = model.train()  # from_pretrained gives eval mode, where the logits are built as before
+        >>> input_ids = torch.randint(0, 50, (2, 6))
+        >>> out = model(input_ids, labels=input_ids)
+        >>> out.logits is None, out.loss.shape  # no (B, T, V) logits
+        (True, torch.Size([]))
     """
     model_class = _supported_class(model)
     options = _check_loss_options(loss_options)
