@@ -269,6 +269,42 @@ def test_huge_logits(dtype, tolerances):
     torch.testing.assert_close(grad.double(), true_grad, **tolerances[dtype])
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e2, 1e4, 1e6, 1e8])
+@pytest.mark.parametrize("entry", ["cross_entropy", "linear_cross_entropy"])
+def test_as_accurate_as_pytorch_at_every_magnitude(offset, entry):
+    """float32 logits offset by up to 1e8: per-row losses and the gradient are as close to float64 as
+    F.cross_entropy's (statistics relative to the row maximum, not an absolute log-sum-exp)."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(512, 300, generator=gen, dtype=torch.float64) * 3
+    targets = torch.randint(0, 300, (512,), generator=gen)
+    logits = (base + offset).float()
+
+    def per_row_and_grad(fn, x):
+        x = x.clone().requires_grad_()
+        rows = fn(x)
+        rows.sum().backward()
+        return rows.detach().double(), x.grad.double()
+
+    truth = per_row_and_grad(lambda x: F.cross_entropy(x, targets, reduction="none"), logits.double())
+    torch_32 = per_row_and_grad(lambda x: F.cross_entropy(x, targets, reduction="none"), logits)
+    if entry == "cross_entropy":
+        ours = per_row_and_grad(lambda x: tl.cross_entropy(x, targets, reduction="none"), logits)
+    else:  # the logits as hidden @ I: the fused path sees the same numbers
+        eye = torch.eye(300)
+        ours = per_row_and_grad(lambda x: tl.linear_cross_entropy(x, eye, targets, reduction="none"), logits)
+    # Mean absolute error over the rows (the max of either is one ulp of a loss near 10, noisy).
+    for name, want, got, theirs in zip(("loss", "gradient"), truth, ours, torch_32):
+        our_error, their_error = (got - want).abs().mean().item(), (theirs - want).abs().mean().item()
+        assert our_error <= 1.25 * their_error + 1e-9, f"{name}: ours {our_error:.2e} vs PyTorch {their_error:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_equal_logits_near_the_float_maximum_cost_log_two(dtype):
+    """Two equal logits of 3e38 (near bf16's and float32's largest): log 2, not 0."""
+    logits = torch.full((1, 2), 3e38, dtype=dtype)
+    torch.testing.assert_close(tl.cross_entropy(logits, torch.tensor([0])), torch.tensor(math.log(2)))
+
+
 @pytest.mark.parametrize("options", [{}, {"softcap": 5.0}, {"focal_gamma": 2.0}, {"z_loss": 1e-2}], ids=str)
 def test_minus_inf_on_non_target_classes(options, tolerances):
     """-inf logits on non-target classes (a masked vocabulary) give finite losses and zero gradient there."""

@@ -14,10 +14,11 @@ columns to per-row numbers and the ranks combine those numbers, never the logits
 2. *Local statistics* (no communication): :func:`tokenloss.ops.rowwise.chunk_statistics` on the
    local columns, chunk by chunk, with each target moved into the local column range (rows whose
    target lies on another rank gather a dummy column that is zeroed).
-3. *Combine* (two collectives of ``O(N)`` numbers): ``all_reduce(MAX)`` of the local log-sum-exp
-   ``m``, then one ``all_reduce(SUM)`` of the stacked ``(N, 2 or 3)`` columns
-   ``[sum exp(lse_local - m), target logit (non-zero on one rank only), sum of logits (label
-   smoothing only)]``. The global log-sum-exp is ``m + log(sum)``.
+3. *Combine* (two collectives of ``O(N)`` numbers): ``all_reduce(MAX)`` of the local row maxima
+   ``m_r``, giving ``m``, then one ``all_reduce(SUM)`` of the stacked ``(N, 2 or 3)`` columns
+   ``[sum exp(z - m) over the local columns, target logit - m (non-zero on one rank only), sum of
+   (z - m) (label smoothing only)]``. The global statistics stay relative to ``m``, as on one
+   device (:class:`~tokenloss.ops.rowwise.RowStatistics`).
 4. *Coefficients* (no communication): :func:`~tokenloss.ops.rowwise.loss_and_coefficients` on
    the whole-vocabulary statistics with the whole ``V``, so label smoothing (``eps / V``),
    z-loss (``lse ** 2``), soft-capping and the focal factor are exactly those of one device (not
@@ -207,32 +208,36 @@ def _prepare_shard(
     return prepared, layout, local_targets, in_shard
 
 
-def combine_statistics(local: RowStatistics, in_shard: Tensor, group) -> RowStatistics:
+def combine_statistics(local: RowStatistics, in_shard: Tensor, local_size: int, group) -> RowStatistics:
     """Whole-vocabulary statistics from every rank's slice statistics: two collectives of O(N).
 
     Args:
-        local: ``(N,)`` statistics of this rank's columns (``target_logit`` is arbitrary where
-            ``in_shard`` is False).
+        local: ``(N,)`` statistics of this rank's columns, relative to the local row maximum
+            (``target_logit`` is arbitrary where ``in_shard`` is False).
         in_shard: ``(N,)`` bool, True where this rank holds the row's target column.
+        local_size: ``V_local``, the number of this rank's columns.
         group: the process group.
 
     Returns:
-        :class:`RowStatistics` of the whole vocabulary, identical on every rank.
+        :class:`RowStatistics` of the whole vocabulary, relative to the global row maximum,
+        identical on every rank.
     """
-    row_max = local.lse.clone()  # (N,)
-    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)  # collective 1: N numbers
-    shift = finite_shift(row_max)  # a row that is -inf everywhere or +inf somewhere: +-inf, not NaN
+    # A slice whose row is -inf everywhere (log_sum = -inf) must not lift the maximum to its
+    # finite_shift of 0; a NaN or +inf slice makes the whole row non-finite through its sum.
+    candidate = torch.where(torch.isfinite(local.log_sum), local.shift, torch.full_like(local.shift, -torch.inf))
+    dist.all_reduce(candidate, op=dist.ReduceOp.MAX, group=group)  # collective 1: N numbers
+    shift = finite_shift(candidate)
+    moved = local.shift - shift  # (N,) <= 0: this slice's maximum relative to the global one
     columns = [
-        torch.exp(local.lse - shift),
-        torch.where(in_shard, local.target_logit, torch.zeros_like(local.target_logit)),
+        torch.exp(moved + local.log_sum),
+        torch.where(in_shard, local.target_logit + moved, torch.zeros_like(moved)),
     ]
     if local.logit_sum is not None:
-        columns.append(local.logit_sum)
+        columns.append(local.logit_sum + local_size * moved)
     sums = torch.stack(columns, dim=1)  # (N, 2 or 3)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)  # collective 2: 2N or 3N numbers
-    lse = shift + torch.log(sums[:, 0])
     logit_sum = sums[:, 2].contiguous() if local.logit_sum is not None else None
-    return RowStatistics(lse, sums[:, 1].contiguous(), logit_sum)
+    return RowStatistics(shift, torch.log(sums[:, 0]), sums[:, 1].contiguous(), logit_sum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,18 +271,18 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
             logits.device,
             lambda rows: chunk_statistics(logits[rows], local_targets[rows], options),
         )
-        stats = combine_statistics(local, in_shard, group)
+        stats = combine_statistics(local, in_shard, logits.shape[1], group)
         # True when a row that does not count is non-finite: its gradient must be zeroed explicitly.
         zero_skipped_rows = check_finite_rows(stats.lse, counted, "logits") if options.check_inputs else False
         weights = weights.to(acc)
         loss, alpha, beta, delta = loss_and_coefficients(stats, weights, vocab_size, options)
-        ctx.save_for_backward(logits, local_targets, in_shard, weights, stats.lse, alpha, beta, delta)
+        ctx.save_for_backward(logits, local_targets, in_shard, weights, stats.shift, stats.log_sum, alpha, beta, delta)
         ctx.options, ctx.chunk_rows, ctx.zero_skipped_rows = options, chunk_rows, zero_skipped_rows
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        logits, local_targets, in_shard, weights, lse, alpha, beta, delta = ctx.saved_tensors
+        logits, local_targets, in_shard, weights, shift, log_sum, alpha, beta, delta = ctx.saved_tensors
         row_scale = grad_loss.to(weights.dtype) * weights
         alpha, beta, delta = scale_coefficients(alpha, beta, delta, row_scale)
         skipped = (row_scale == 0).unsqueeze(1) if ctx.zero_skipped_rows else None  # (N, 1) bool
@@ -287,7 +292,8 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
             chunk_gradient(
                 logits[rows],
                 local_targets[rows],
-                lse[rows],
+                shift[rows],
+                log_sum[rows],
                 alpha[rows],
                 beta[rows],
                 delta[rows],
@@ -406,22 +412,24 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             # (n, V_local) logits, freed after the chunk
             lambda rows: chunk_statistics(_logits_chunk(hidden[rows], weight, bias), local_targets[rows], options),
         )
-        stats = combine_statistics(local, in_shard, group)
+        stats = combine_statistics(local, in_shard, weight.shape[0], group)
         if options.check_inputs:
             check_finite_rows(stats.lse, torch.ones_like(in_shard), "logits (hidden @ weight.T)")
         weights = weights.to(acc)
         loss, alpha, beta, delta = loss_and_coefficients(stats, weights, vocab_size, options)
-        ctx.save_for_backward(hidden, weight, bias, local_targets, in_shard, weights, stats.lse, alpha, beta, delta)
+        ctx.save_for_backward(
+            hidden, weight, bias, local_targets, in_shard, weights, stats.shift, stats.log_sum, alpha, beta, delta
+        )
         ctx.options, ctx.chunk_rows, ctx.group = options, chunk_rows, group
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        hidden, weight, bias, local_targets, in_shard, weights, lse, alpha, beta, delta = ctx.saved_tensors
+        hidden, weight, bias, local_targets, in_shard, weights, shift, log_sum, alpha, beta, delta = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         row_scale = grad_loss.to(weights.dtype) * weights
         alpha, beta, delta = scale_coefficients(alpha, beta, delta, row_scale)
-        acc = lse.dtype
+        acc = shift.dtype
         grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (N, D)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None
@@ -431,7 +439,8 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             grad_logits = chunk_gradient(
                 logits,
                 local_targets[rows],
-                lse[rows],
+                shift[rows],
+                log_sum[rows],
                 alpha[rows],
                 beta[rows],
                 delta[rows],

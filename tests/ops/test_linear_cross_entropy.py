@@ -58,7 +58,7 @@ def test_inplace_kernels_equal_the_rowwise_kernels(dtype, options):
     _, *coefficients = loss_and_coefficients(got, weights, logits.shape[1], options)
     alpha, beta, delta = scale_coefficients(*coefficients, weights)
     want_grad = chunk_gradient(
-        logits.double(), targets, want.lse, alpha.double(), beta.double(), delta.double(), options
+        logits.double(), targets, want.shift, want.log_sum, alpha.double(), beta.double(), delta.double(), options
     )
     got_grad, factor = lce._gradient_inplace(probs, row_sum, logits.clone(), targets, coefficients, weights, options)
     assert got_grad.dtype == acc

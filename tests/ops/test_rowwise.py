@@ -41,7 +41,8 @@ def reference_kwargs(options: LossOptions) -> dict:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("softcap", [None, 2.0])
 def test_chunk_statistics(dtype, softcap, make_logits, make_targets, tolerances):
-    """lse, target logit and logit sum of the capped logits, in float32, against float64."""
+    """lse, target logit and logit sum of the capped logits (the last two relative to the row maximum),
+    in float32, against float64."""
     logits = make_logits(9, 13, dtype=dtype, scale=6.0)
     targets = make_targets((9,), 13)
     stats = chunk_statistics(logits, targets, LossOptions(softcap=softcap, label_smoothing=0.1))
@@ -50,8 +51,11 @@ def test_chunk_statistics(dtype, softcap, make_logits, make_targets, tolerances)
         z = softcap * torch.tanh(z / softcap)
     assert stats.lse.dtype == torch.float32
     torch.testing.assert_close(stats.lse.double(), torch.logsumexp(z, -1), **tolerances[torch.float32])
-    torch.testing.assert_close(stats.target_logit.double(), z[torch.arange(9), targets], **tolerances[torch.float32])
-    torch.testing.assert_close(stats.logit_sum.double(), z.sum(-1), **tolerances[torch.float32])
+    row_max = z.amax(-1)
+    torch.testing.assert_close(stats.shift.double(), row_max, **tolerances[torch.float32])
+    target = z[torch.arange(9), targets] - row_max
+    torch.testing.assert_close(stats.target_logit.double(), target, **tolerances[torch.float32])
+    torch.testing.assert_close(stats.logit_sum.double(), (z - row_max[:, None]).sum(-1), **tolerances[torch.float32])
     assert chunk_statistics(logits, targets, LossOptions()).logit_sum is None  # only computed for smoothing
 
 
@@ -72,7 +76,7 @@ def test_loss_and_gradient_equal_autograd_of_the_reference(name, make_logits, ma
     stats = chunk_statistics(logits, targets, options)
     loss, alpha, beta, delta = loss_and_coefficients(stats, weights, 6, options)
     alpha, beta, delta = scale_coefficients(alpha, beta, delta, upstream * weights)
-    grad = chunk_gradient(logits, targets, stats.lse, alpha, beta, delta, options)
+    grad = chunk_gradient(logits, targets, stats.shift, stats.log_sum, alpha, beta, delta, options)
     torch.testing.assert_close(loss, expected.detach(), **tolerances[torch.float64])
     torch.testing.assert_close(grad, expected_grad, **tolerances[torch.float64])
 
@@ -86,15 +90,15 @@ def test_chunk_gradient_into_out_and_into_the_logits(dtype, softcap, make_logits
     targets = make_targets((5,), 7)
     stats = chunk_statistics(logits, targets, options)
     coefficients = [torch.rand(5, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2, 3)]
-    fresh = chunk_gradient(logits, targets, stats.lse, *coefficients, options)
+    fresh = chunk_gradient(logits, targets, stats.shift, stats.log_sum, *coefficients, options)
     assert fresh.dtype == torch.float32
 
     out = torch.empty(5, 7, dtype=dtype)
-    assert chunk_gradient(logits, targets, stats.lse, *coefficients, options, out=out) is out
+    assert chunk_gradient(logits, targets, stats.shift, stats.log_sum, *coefficients, options, out=out) is out
     torch.testing.assert_close(out, fresh.to(dtype), rtol=0, atol=0)
 
     aliased = logits.clone()
-    chunk_gradient(aliased, targets, stats.lse, *coefficients, options, out=aliased)
+    chunk_gradient(aliased, targets, stats.shift, stats.log_sum, *coefficients, options, out=aliased)
     torch.testing.assert_close(aliased, fresh.to(dtype), rtol=0, atol=0)
 
 
@@ -104,7 +108,15 @@ def test_target_outside_the_chunk_subtracts_no_onehot(make_logits):
     lse = torch.logsumexp(logits, -1)
     ones = torch.ones(3)
     grad = chunk_gradient(
-        logits, torch.zeros(3, dtype=torch.long), lse, ones, ones, ones * 0, LossOptions(), target_in_chunk=ones == 0
+        logits,
+        torch.zeros(3, dtype=torch.long),
+        lse,
+        ones * 0,
+        ones,
+        ones,
+        ones * 0,
+        LossOptions(),
+        target_in_chunk=ones == 0,
     )
     torch.testing.assert_close(grad, torch.softmax(logits, -1))
 

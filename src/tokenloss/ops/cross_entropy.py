@@ -71,14 +71,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         # Without the check (check_inputs=False) that is not guaranteed.
         zero_skipped_rows = check_finite_rows(stats.lse, counted, "logits") if options.check_inputs else False
         loss, alpha, beta, delta = loss_and_coefficients(stats, weights, vocab_size, options)
-        ctx.save_for_backward(logits, targets, weights, stats.lse, alpha, beta, delta)
+        ctx.save_for_backward(logits, targets, weights, stats.shift, stats.log_sum, alpha, beta, delta)
         ctx.options, ctx.inplace_backward, ctx.chunk_rows = options, inplace_backward, chunk_rows
         ctx.zero_skipped_rows = zero_skipped_rows
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        logits, targets, weights, lse, alpha, beta, delta = ctx.saved_tensors
+        logits, targets, weights, shift, log_sum, alpha, beta, delta = ctx.saved_tensors
         row_scale = grad_loss.to(weights.dtype) * weights
         alpha, beta, delta = scale_coefficients(alpha, beta, delta, row_scale)
         skipped = (row_scale == 0).unsqueeze(1) if ctx.zero_skipped_rows else None  # (N, 1) bool
@@ -92,7 +92,8 @@ class CrossEntropyFunction(torch.autograd.Function):
             chunk_gradient(
                 logits[rows],
                 targets[rows],
-                lse[rows],
+                shift[rows],
+                log_sum[rows],
                 alpha[rows],
                 beta[rows],
                 delta[rows],

@@ -182,13 +182,13 @@ def _statistics_inplace(logits: Tensor, targets: Tensor, options: LossOptions) -
         of ``exp_shifted`` (so ``softmax = exp_shifted / row_sum``).
     """
     z = capped(logits, options.softcap)  # no copy for float32/float64 without a cap
-    target_logit = z.gather(1, targets.unsqueeze(1)).squeeze(1)
-    logit_sum = z.sum(dim=-1) if options.label_smoothing > 0 else None
     shift = finite_shift(z.amax(dim=-1))
-    exp_shifted = z.sub_(shift.unsqueeze(1)).exp_()
+    shifted = z.sub_(shift.unsqueeze(1))  # (n, V) z - m, exact near the maximum
+    target_logit = shifted.gather(1, targets.unsqueeze(1)).squeeze(1)
+    logit_sum = shifted.sum(dim=-1) if options.label_smoothing > 0 else None
+    exp_shifted = shifted.exp_()
     row_sum = exp_shifted.sum(dim=-1)
-    lse = row_sum.log().add_(shift)
-    return exp_shifted, RowStatistics(lse, target_logit, logit_sum), row_sum
+    return exp_shifted, RowStatistics(shift, row_sum.log(), target_logit, logit_sum), row_sum
 
 
 def _gradient_inplace(
@@ -308,12 +308,12 @@ def _fused_chunks(
     """The forward chunk loop: per-row losses ``(M,)``, and the gradients into ``sink`` if given.
 
     ``row_scale`` ``(M,)`` multiplies each row's gradient (weight / denominator for ``"mean"``).
-    Returns ``(loss, lse, alpha, beta, delta)``, each ``(M,)`` in the accumulation dtype; the
+    Returns ``(loss, shift, log_sum, alpha, beta, delta)``, each ``(M,)`` in the accumulation dtype; the
     coefficients are unscaled (what ``"none"`` saves for its backward pass).
     """
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
-    outputs = [torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(5)]
+    outputs = [torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(6)]
     buffer = _logits_buffer(hidden, weight, chunk_rows)  # (n, V): the one big tensor
     for start in range(0, n_rows, chunk_rows):
         rows = slice(start, start + chunk_rows)
@@ -321,7 +321,7 @@ def _fused_chunks(
         logits = _chunk_logits(h, weight, bias, buffer)
         probs, stats, row_sum = _statistics_inplace(logits, targets[rows], options)
         loss, alpha, beta, delta = loss_and_coefficients(stats, weights[rows], vocab_size, options)
-        for out, value in zip(outputs, (loss, stats.lse, alpha, beta, delta)):
+        for out, value in zip(outputs, (loss, stats.shift, stats.log_sum, alpha, beta, delta)):
             out[rows] = value
         if sink is not None:
             grad, factor = _gradient_inplace(
@@ -371,13 +371,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if grad_now:
             row_scale = weights / denominator.to(acc) if options.reduction == "mean" else weights
         sink = _GradientSink(hidden, weight, bias, needs) if grad_now else None
-        loss, lse, alpha, beta, delta = _fused_chunks(
+        loss, shift, log_sum, alpha, beta, delta = _fused_chunks(
             hidden, weight, bias, targets, weights, options, chunk_rows, row_scale=row_scale, sink=sink
         )
         if options.check_inputs:
-            check_finite_rows(lse, torch.ones_like(lse, dtype=torch.bool), "logits (hidden @ weight.T + bias)")
+            check_finite_rows(
+                shift + log_sum, torch.ones_like(shift, dtype=torch.bool), "logits (hidden @ weight.T + bias)"
+            )
         if options.reduction == "none":
-            ctx.save_for_backward(hidden, weight, bias, targets, weights, lse, alpha, beta, delta)
+            ctx.save_for_backward(hidden, weight, bias, targets, weights, shift, log_sum, alpha, beta, delta)
             ctx.grads = None
             return loss.float() if acc != torch.float64 else loss
         ctx.grads = sink
@@ -407,8 +409,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _recompute_gradients(ctx, grad_rows: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Backward of ``"none"``: recompute each chunk's logits, softmax from the saved lse, gradient."""
-    hidden, weight, bias, targets, weights, lse, alpha, beta, delta = ctx.saved_tensors
+    """Backward of ``"none"``: recompute each chunk's logits, softmax from the saved statistics, gradient."""
+    hidden, weight, bias, targets, weights, shift, log_sum, alpha, beta, delta = ctx.saved_tensors
     options, chunk_rows = ctx.options, ctx.chunk_rows
     needs = tuple(ctx.needs_input_grad[:3])
     row_scale = grad_rows.to(weights.dtype) * weights
@@ -419,13 +421,13 @@ def _recompute_gradients(ctx, grad_rows: Tensor) -> tuple[Tensor | None, Tensor 
         h = hidden[rows]
         logits = _chunk_logits(h, weight, bias, buffer)
         z = capped(logits, options.softcap)  # the logits buffer itself for float32/float64 without a cap
-        probs = z.sub_(lse[rows].unsqueeze(1)).exp_()  # the softmax: row sums of 1
+        exp_shifted = z.sub_(shift[rows].unsqueeze(1)).exp_()  # softmax = exp_shifted / exp(log_sum)
         coefficients = (alpha[rows], beta[rows], delta[rows])
         grad, factor = _gradient_inplace(
-            probs, torch.ones_like(lse[rows]), logits, targets[rows], coefficients, row_scale[rows], options
+            exp_shifted, log_sum[rows].exp(), logits, targets[rows], coefficients, row_scale[rows], options
         )
         sink.add_chunk(rows, grad, factor, _input_dtype_copy(grad, factor, logits), h, weight)
-        del logits, z, probs, grad  # never hold two chunks
+        del logits, z, exp_shifted, grad  # never hold two chunks
     return sink.gradients()
 
 

@@ -3,8 +3,8 @@
 Every torch implementation (plain, fused, vocabulary-parallel) is built from three steps:
 
 1. :func:`chunk_statistics` reads a chunk of logits ``(n, V)`` once and returns per-row
-   statistics: the log-sum-exp, the target's (capped) logit and, for label smoothing, the sum of
-   the (capped) logits.
+   statistics: the row maximum ``m``, ``log sum_j exp(z_j - m)``, the target's (capped) logit
+   and, for label smoothing, the sum of the (capped) logits, the last two *relative to* ``m``.
 2. :func:`loss_and_coefficients` turns those ``(N,)`` statistics into the per-row loss and three
    per-row coefficients ``alpha, beta, delta`` such that the gradient of the row's loss with
    respect to its (capped) logits ``z`` is
@@ -14,10 +14,16 @@ Every torch implementation (plain, fused, vocabulary-parallel) is built from thr
    With no options this is ``softmax - onehot`` (alpha = beta = 1, delta = 0). Label smoothing
    adds ``delta = eps / V`` and lowers ``beta``; z-loss adds ``2 * z_loss * lse`` to alpha; focal
    loss scales everything by ``(1 - p_t) ** gamma`` and adds the derivative of that factor.
-3. :func:`chunk_gradient` recomputes ``softmax`` for a chunk from the saved log-sum-exp and
+3. :func:`chunk_gradient` recomputes ``softmax`` for a chunk from the saved statistics and
    writes that gradient (times the soft-capping derivative ``1 - (z / c) ** 2``).
 
 So the ``(N, V)`` probabilities never exist: only one chunk of them at a time.
+
+Why relative to the row maximum: the log-sum-exp of logits near ``1e4`` is itself near ``1e4``,
+where a float32 holds it only to about ``5e-4``. ``lse - z_target`` and ``z - lse`` would inherit
+that error (the loss off by 1e-5 relative, the softmax by 5e-4 at an offset of 1e4). ``z - m`` is
+exact near the maximum (Sterbenz), so ``-log p_t = log_sum - (z_t - m)`` and
+``softmax = exp(z - m) / sum`` are as accurate as PyTorch's ``(x - max) - log(sum)``.
 """
 
 from __future__ import annotations
@@ -33,15 +39,37 @@ from tokenloss.options import LossOptions
 
 @dataclass
 class RowStatistics:
-    """Per-row quantities of a batch of rows, each ``(N,)`` float32.
+    """Per-row quantities of a batch of rows, each ``(N,)`` in the accumulation dtype.
 
-    ``lse``: logsumexp of the capped logits; ``target_logit``: the capped logit of the target;
-    ``logit_sum``: sum of the capped logits over the vocabulary (only with label smoothing).
+    Attributes:
+        shift: the row maximum ``m`` of the capped logits (0 where it is not finite, see
+            :func:`finite_shift`).
+        log_sum: ``log sum_j exp(z_j - m)``; the log-sum-exp is ``m + log_sum``.
+        target_logit: the capped logit of the target minus ``m``.
+        logit_sum: ``sum_j (z_j - m)`` over the vocabulary (only with label smoothing, else None).
     """
 
-    lse: Tensor
+    shift: Tensor
+    log_sum: Tensor
     target_logit: Tensor
     logit_sum: Tensor | None
+
+    @property
+    def lse(self) -> Tensor:
+        """``logsumexp(z)`` ``(N,)``: for z-loss and the finite check, not for differences."""
+        return self.shift + self.log_sum
+
+    @classmethod
+    def from_lse(cls, lse: Tensor, target_logit: Tensor, logit_sum: Tensor | None, vocab_size: int) -> RowStatistics:
+        """Statistics from an absolute log-sum-exp, target logit and logit sum (the Triton kernels'
+        form): shifted by the log-sum-exp itself, so they carry its float32 rounding."""
+        shift = finite_shift(lse)
+        return cls(
+            shift,
+            lse - shift,
+            target_logit - shift,
+            None if logit_sum is None else logit_sum - vocab_size * shift,
+        )
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,7 +99,7 @@ def chunk_statistics(
             chunk allocates (and, on the CPU, page-faults in) its own ``(n, V)`` temporaries.
 
     Returns:
-        :class:`RowStatistics` with ``(n,)`` float32 tensors.
+        :class:`RowStatistics` with ``(n,)`` tensors in the accumulation dtype.
     """
     scratch = None if buffer is None else buffer[: logits.shape[0]]
     if logits.dtype == accumulation_dtype(logits.dtype) and options.softcap is None:
@@ -85,10 +113,12 @@ def chunk_statistics(
         else:
             z = capped(logits, options.softcap)  # (n, V) float32: a copy
         work = z  # our own copy: the exponentials may overwrite it once the gathers are done
-    target_logit = z.gather(1, targets.unsqueeze(1)).squeeze(1)
-    logit_sum = z.sum(dim=-1) if options.label_smoothing > 0 else None
-    lse = _logsumexp_rows(z, work)
-    return RowStatistics(lse, target_logit, logit_sum)
+    shift = finite_shift(z.amax(dim=-1))
+    target_logit = z.gather(1, targets.unsqueeze(1)).squeeze(1) - shift
+    shifted = torch.sub(z, shift.unsqueeze(1), out=work)  # (n, V) z - m: exact near the maximum
+    logit_sum = shifted.sum(dim=-1) if options.label_smoothing > 0 else None
+    log_sum = shifted.exp_().sum(dim=-1).log_()
+    return RowStatistics(shift, log_sum, target_logit, logit_sum)
 
 
 def finite_shift(row_max: Tensor) -> Tensor:
@@ -99,14 +129,6 @@ def finite_shift(row_max: Tensor) -> Tensor:
     does.
     """
     return torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-
-
-def _logsumexp_rows(z: Tensor, work: Tensor) -> Tensor:
-    """``logsumexp(z, dim=-1)`` ``(n,)`` as ``torch.logsumexp`` computes it (max + log of the sum of
-    shifted exponentials), with the ``(n, V)`` exponentials written into ``work`` (may be ``z``)."""
-    shift = finite_shift(z.amax(dim=-1))
-    torch.sub(z, shift.unsqueeze(1), out=work).exp_()
-    return work.sum(dim=-1).log_().add_(shift)
 
 
 def chunked_statistics(
@@ -132,14 +154,14 @@ def chunked_statistics(
     def empty() -> Tensor:
         return torch.empty(n_rows, dtype=dtype, device=device)
 
-    stats = RowStatistics(empty(), empty(), empty() if options.label_smoothing > 0 else None)
+    stats = RowStatistics(empty(), empty(), empty(), empty() if options.label_smoothing > 0 else None)
     for start in range(0, n_rows, chunk_rows):
         rows = slice(start, start + chunk_rows)
         part = chunk(rows)
-        stats.lse[rows] = part.lse
-        stats.target_logit[rows] = part.target_logit
-        if stats.logit_sum is not None:
-            stats.logit_sum[rows] = part.logit_sum
+        for name in ("shift", "log_sum", "target_logit", "logit_sum"):
+            into = getattr(stats, name)
+            if into is not None:
+                into[rows] = getattr(part, name)
     return stats
 
 
@@ -160,18 +182,18 @@ def loss_and_coefficients(
         coefficients are *not* multiplied by the weight (see :func:`scale_coefficients`).
     """
     eps, gamma, zl = options.label_smoothing, options.focal_gamma, options.z_loss
-    lse, target_logit = stats.lse, stats.target_logit
-    nll = lse - target_logit
+    log_sum, target_logit = stats.log_sum, stats.target_logit  # both relative to the row maximum
+    nll = log_sum - target_logit
     ce = nll
     if eps > 0:
-        ce = (1 - eps) * nll + eps * (lse - stats.logit_sum / vocab_size)
+        ce = (1 - eps) * nll + eps * (log_sum - stats.logit_sum / vocab_size)
 
-    ones = torch.ones_like(lse)
+    ones = torch.ones_like(log_sum)
     alpha, beta = ones.clone(), ones * (1 - eps)
     delta = ones * (eps / vocab_size)
     loss = ce
     if gamma > 0:
-        log_p_target = target_logit - lse
+        log_p_target = target_logit - log_sum
         one_minus_p = -torch.expm1(log_p_target)  # accurate when p_target is close to 1
         focal = one_minus_p.pow(gamma)
         # d(focal)/dz = gamma * (1 - p_t) ** (gamma - 1) * p_t * (softmax - onehot); its limit at
@@ -186,6 +208,7 @@ def loss_and_coefficients(
         beta = focal * (1 - eps) + ce * slope
         delta = focal * (eps / vocab_size)
     if zl > 0:
+        lse = stats.lse
         loss = loss + zl * lse.square()
         alpha = alpha + 2 * zl * lse
 
@@ -210,7 +233,8 @@ def scale_coefficients(alpha: Tensor, beta: Tensor, delta: Tensor, row_scale: Te
 def chunk_gradient(
     logits: Tensor,
     targets: Tensor,
-    lse: Tensor,
+    shift: Tensor,
+    log_sum: Tensor,
     alpha: Tensor,
     beta: Tensor,
     delta: Tensor,
@@ -225,7 +249,8 @@ def chunk_gradient(
     Args:
         logits: ``(n, V)`` raw logits (before soft-capping), any float dtype.
         targets: ``(n,)`` int64 column of the target *within this chunk's columns*.
-        lse: ``(n,)`` float32 whole-vocabulary log-sum-exp of the capped logits.
+        shift, log_sum: ``(n,)`` whole-vocabulary :class:`RowStatistics` fields (the log-sum-exp of
+            the capped logits is ``shift + log_sum``).
         alpha, beta, delta: ``(n,)`` float32 scaled coefficients (:func:`scale_coefficients`).
         options: loss options (softcap is used here; ``delta`` is only subtracted when
             ``label_smoothing > 0``, the only case where :func:`loss_and_coefficients` makes it
@@ -250,16 +275,17 @@ def chunk_gradient(
         work = buffer[: logits.shape[0]]
     else:
         work = torch.empty(logits.shape, dtype=acc, device=logits.device)
-    lse_col = lse.unsqueeze(1)
+    shift_col = shift.unsqueeze(1)
     if options.softcap is None:
-        # z - lse in one pass that reads the logits and writes `work` (bf16/fp16 promote to float32 here)
-        torch.sub(logits, lse_col, out=work)
+        # z - m in one pass that reads the logits and writes `work` (bf16/fp16 promote to float32 here)
+        torch.sub(logits, shift_col, out=work)
         derivative = None
     else:
         tanh = torch.tanh(logits.to(acc) / options.softcap)  # (n, V): read before `work` may overwrite logits
-        torch.mul(tanh, options.softcap, out=work).sub_(lse_col)
+        torch.mul(tanh, options.softcap, out=work).sub_(shift_col)
         derivative = tanh.square_().neg_().add_(1)  # dz/dx = 1 - tanh(x / c) ** 2
-    grad = work.exp_().mul_(alpha.unsqueeze(1))  # alpha * softmax
+    # softmax = exp(z - m) / sum: the 1/sum rides on alpha, so no pass is added.
+    grad = work.exp_().mul_((alpha * torch.exp(-log_sum)).unsqueeze(1))  # alpha * softmax
     onehot_coeff = beta if target_in_chunk is None else torch.where(target_in_chunk, beta, torch.zeros_like(beta))
     grad.scatter_add_(1, targets.unsqueeze(1), -onehot_coeff.unsqueeze(1))
     if options.label_smoothing > 0:

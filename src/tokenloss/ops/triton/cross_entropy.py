@@ -179,7 +179,7 @@ def row_statistics(logits: Tensor, targets: Tensor, options: LossOptions) -> Row
                 BLOCK_V=_block_v(n_cols),
                 num_warps=NUM_WARPS,
             )
-    return RowStatistics(lse, target_logit, logit_sum)
+    return RowStatistics.from_lse(lse, target_logit, logit_sum, n_cols)
 
 
 def write_gradient(

@@ -397,8 +397,8 @@ def fused_statistics(
                 LABEL_SMOOTHING=smoothing,
                 **_common_constexprs(hidden, bias, options),
             )
-    return RowStatistics(
-        torch.logsumexp(lse_part, dim=0), target_part.sum(dim=0), sum_part.sum(dim=0) if smoothing else None
+    return RowStatistics.from_lse(
+        torch.logsumexp(lse_part, dim=0), target_part.sum(dim=0), sum_part.sum(dim=0) if smoothing else None, n_cols
     )
 
 
