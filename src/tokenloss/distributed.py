@@ -65,6 +65,7 @@ from tokenloss.ops.rowwise import (
     chunked_statistics,
     finite_shift,
     loss_and_coefficients,
+    refuse_double_backward,
     scale_coefficients,
 )
 from tokenloss.options import (
@@ -202,6 +203,7 @@ def _prepare_shard(
         token_weights=token_weights,
         num_items=num_items,
         input_name=input_name,
+        device=inputs.device,
     )
     layout = shard_layout(local_size, vocab_sizes, group, inputs.device)
     local_targets, in_shard = _localize_targets(prepared, layout, options)
@@ -273,15 +275,16 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         )
         stats = combine_statistics(local, in_shard, logits.shape[1], group)
         # True when a row that does not count is non-finite: its gradient must be zeroed explicitly.
-        zero_skipped_rows = check_finite_rows(stats.lse, counted, "logits") if options.check_inputs else False
         weights = weights.to(acc)
         loss, alpha, beta, delta = loss_and_coefficients(stats, weights, vocab_size, options)
+        zero_skipped_rows = check_finite_rows(stats.lse, counted, "logits", loss) if options.check_inputs else False
         ctx.save_for_backward(logits, local_targets, in_shard, weights, stats.shift, stats.log_sum, alpha, beta, delta)
         ctx.options, ctx.chunk_rows, ctx.zero_skipped_rows = options, chunk_rows, zero_skipped_rows
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
+        refuse_double_backward("distributed.vocab_parallel_cross_entropy")
         logits, local_targets, in_shard, weights, shift, log_sum, alpha, beta, delta = ctx.saved_tensors
         row_scale = grad_loss.to(weights.dtype) * weights
         alpha, beta, delta = scale_coefficients(alpha, beta, delta, row_scale)
@@ -413,10 +416,10 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             lambda rows: chunk_statistics(_logits_chunk(hidden[rows], weight, bias), local_targets[rows], options),
         )
         stats = combine_statistics(local, in_shard, weight.shape[0], group)
-        if options.check_inputs:
-            check_finite_rows(stats.lse, torch.ones_like(in_shard), "logits (hidden @ weight.T)")
         weights = weights.to(acc)
         loss, alpha, beta, delta = loss_and_coefficients(stats, weights, vocab_size, options)
+        if options.check_inputs:
+            check_finite_rows(stats.lse, torch.ones_like(in_shard), "logits (hidden @ weight.T)", loss)
         ctx.save_for_backward(
             hidden, weight, bias, local_targets, in_shard, weights, stats.shift, stats.log_sum, alpha, beta, delta
         )
@@ -425,6 +428,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
+        refuse_double_backward("distributed.vocab_parallel_linear_cross_entropy")
         hidden, weight, bias, local_targets, in_shard, weights, shift, log_sum, alpha, beta, delta = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         row_scale = grad_loss.to(weights.dtype) * weights
@@ -554,7 +558,7 @@ def global_num_items(
     *targets: Tensor | PreparedTargets,
     ignore_index: int = -100,
     mask: Tensor | Sequence[Tensor | None] | None = None,
-    shift: bool = False,
+    shift: bool | int = False,
     group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """The number of counted tokens over all micro-batches of all ranks, with one ``all_reduce``.
@@ -576,7 +580,8 @@ def global_num_items(
         ignore_index: target value of positions that do not count.
         mask: a bool tensor for a single ``targets`` tensor, or one bool tensor (or None) per
             micro-batch; True marks positions that count.
-        shift: causal shift: the first position of each sequence is never a target.
+        shift: causal shift: the first position of each sequence is never a target (an int k: the
+            first k positions, as in :class:`~tokenloss.options.LossOptions`).
         group: the data-parallel group (None: the default group). Without an initialized
             ``torch.distributed`` the count of this process is returned (no communication).
 
@@ -626,8 +631,9 @@ def _local_count(item: Tensor | PreparedTargets, mask: Tensor | None, ignore_ind
         if mask.shape != item.shape:
             raise ValueError(f"the mask of {name} must have shape {tuple(item.shape)}, got {tuple(mask.shape)}")
         counted = counted & mask
-    if shift:
+    steps = int(shift)
+    if steps:
         if item.ndim < 1:
             raise ValueError(f"shift=True needs {name} with a sequence dimension, got a scalar")
-        counted = counted[..., 1:]
+        counted = counted[..., steps:]
     return counted.sum()

@@ -74,6 +74,12 @@ def cross_entropy(
         1.609
     """
     check_logits(logits)
+    if inplace_backward and torch._debug_has_internal_overlap(logits) != 0:
+        raise ValueError(
+            "inplace_backward=True writes the gradient into the logits' storage, so the logits must own "
+            "their memory: these overlap (expanded or strided views); pass logits.contiguous() or "
+            "inplace_backward=False"
+        )
     vocab_size = logits.shape[-1]
     prepared = prepare_targets(
         tuple(logits.shape[:-1]),
@@ -83,6 +89,7 @@ def cross_entropy(
         mask=mask,
         token_weights=token_weights,
         num_items=num_items,
+        device=logits.device,
     )
     rows = _rows_module(impl, logits.device).cross_entropy_rows(
         logits.reshape(-1, vocab_size),
@@ -155,6 +162,7 @@ def linear_cross_entropy(
         token_weights=token_weights,
         num_items=num_items,
         input_name="hidden",
+        device=hidden.device,
     )
     loss = _rows_module(impl, hidden.device).linear_cross_entropy_loss(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, prepared, options

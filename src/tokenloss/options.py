@@ -49,11 +49,12 @@ class LossOptions:
     """
 
     ignore_index: int = _option(-100, "positions whose target equals this do not count (PyTorch's default)")
-    shift: bool = _option(
+    shift: bool | int = _option(
         False,
         "causal-LM shift: the input at position t predicts the target at t + 1 along the sequence "
         "dimension (the input's second-to-last, the targets' last); mask and token weights shift with "
-        "the targets, and every count is taken after the shift",
+        "the targets, and every count is taken after the shift. An int k >= 0 predicts t + k "
+        "(multi-token prediction heads); True is 1, False is 0",
     )
     reduction: str = _option(
         "mean",
@@ -87,10 +88,22 @@ class LossOptions:
                 raise ValueError("softcap must be a positive number or None, got 0")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        if not -(2**63) <= self.ignore_index < 2**63:
+            raise ValueError(f"ignore_index must fit in int64 (targets are int64), got {self.ignore_index}")
+        if not isinstance(self.shift, int) or (not isinstance(self.shift, bool) and self.shift < 0):
+            raise TypeError(f"shift must be a bool or an int >= 0 (steps ahead), got {self.shift!r}")
+        for name in ("check_inputs",):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.chunk_size is not None and (
             isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
         ):
             raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {self.chunk_size!r}")
+
+    @property
+    def shift_steps(self) -> int:
+        """How many positions ahead the targets are: ``int(shift)`` (True is 1)."""
+        return int(self.shift)
 
     def as_kwargs(self) -> dict[str, object]:
         """The options as keyword arguments of any entry point."""
@@ -102,10 +115,11 @@ OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(LossOptions))
 
 
 def _check_number(name: str, value: object, *, low: float, high: float = math.inf) -> None:
+    """A finite real number in ``[low, high]``, or TypeError/ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (low <= value <= high) or math.isnan(value):
-        bounds = f"in [{low}, {high}]" if high != math.inf else f">= {low}"
+    if not (low <= value <= high) or not math.isfinite(value):
+        bounds = f"in [{low}, {high}]" if high != math.inf else f"a finite number >= {low}"
         raise ValueError(f"{name} must be {bounds}, got {value}")
 
 
@@ -167,8 +181,9 @@ class PreparedTargets:
         counted: ``(N,)`` bool; True where the row counts.
         denominator: 0-dim float32 tensor that the summed loss is divided by for ``"mean"``.
         out_shape: shape of the ``"none"`` result (the targets' shape after the shift).
-        shifted: whether rows past each sequence's end were added by the shift (they never
-            count) and must be cut from a ``"none"`` result.
+        rows_shape: the targets' shape before the shift: the rows are laid out in it, and the
+            last ``shift`` positions of each sequence (which never count) are cut from a
+            ``"none"`` result.
     """
 
     targets: Tensor
@@ -176,7 +191,7 @@ class PreparedTargets:
     counted: Tensor
     denominator: Tensor
     out_shape: tuple[int, ...]
-    shifted: bool
+    rows_shape: tuple[int, ...]
 
     def reduce(self, row_losses: Tensor, reduction: str) -> Tensor:
         """Turns ``(N,)`` float32 per-row losses into the requested reduction."""
@@ -184,15 +199,31 @@ class PreparedTargets:
             return row_losses.sum()
         if reduction == "mean":
             return row_losses.sum() / self.denominator
-        full_shape = self.out_shape[:-1] + (self.out_shape[-1] + 1,) if self.shifted else self.out_shape
-        per_token = row_losses.view(full_shape)
-        return per_token[..., :-1] if self.shifted else per_token
+        per_token = row_losses.view(self.rows_shape)
+        if self.out_shape == self.rows_shape:
+            return per_token
+        return per_token[..., : self.out_shape[-1]]
+
+
+def _refuse_functorch(name: str, tensor: Tensor) -> None:
+    """NotImplementedError for a tensor under a ``torch.func`` transform (``grad``, ``vmap``, ...)."""
+    if torch.compiler.is_compiling():  # Dynamo cannot trace the probe; compiled code sees plain tensors
+        return
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    if wrapped is not None and wrapped(tensor):
+        raise NotImplementedError(
+            f"{name} is under a torch.func transform (grad, vmap, jacrev, ...), which tokenloss's autograd "
+            "Functions do not support; call tokenloss outside the transform, or use "
+            "tokenloss.reference.reference_cross_entropy inside it"
+        )
 
 
 def check_logits(logits: Tensor, name: str = "logits") -> None:
-    """Raises TypeError/ValueError unless ``logits`` is a floating ``(..., V)`` tensor with V >= 1."""
+    """Raises TypeError/ValueError unless ``logits`` is a floating ``(..., V)`` tensor with V >= 1
+    (NotImplementedError under a ``torch.func`` transform)."""
     if not isinstance(logits, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    _refuse_functorch(name, logits)
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {logits.dtype}")
     if logits.ndim < 1 or logits.shape[-1] < 1:
@@ -214,6 +245,7 @@ def check_linear_inputs(
             continue
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        _refuse_functorch(name, tensor)
         if tensor.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {tensor.dtype}")
     if hidden.ndim < 1 or hidden.shape[-1] < 1:
@@ -248,6 +280,7 @@ def prepare_targets(
     token_weights: Tensor | None = None,
     num_items: int | float | Tensor | None = None,
     input_name: str = "logits",
+    device: torch.device | None = None,
 ) -> PreparedTargets:
     """Checks targets and their companions against the input's leading shape and flattens them.
 
@@ -259,9 +292,11 @@ def prepare_targets(
             check against the global V themselves).
         options: the checked loss options (``shift`` and ``ignore_index`` are applied here).
         mask: optional bool tensor shaped like ``targets``; True marks positions that count.
-        token_weights: optional floating tensor shaped like ``targets``.
+        token_weights: optional floating tensor shaped like ``targets``; finite where a position
+            counts (checked unless ``options.check_inputs`` is False).
         num_items: optional count that the summed loss is divided by for ``"mean"``.
         input_name: the name of the input in error messages.
+        device: the input's device; every tensor argument must be on it (None: not checked).
 
     Raises:
         TypeError: targets not integer, mask not bool, token_weights not floating.
@@ -291,24 +326,35 @@ def prepare_targets(
             raise ValueError(
                 f"token_weights must have the shape of targets {tuple(targets.shape)}, got {tuple(token_weights.shape)}"
             )
-    shift = options.shift
-    if shift and targets.ndim < 1:
+    if device is not None:
+        for name, tensor in (("targets", targets), ("mask", mask), ("token_weights", token_weights)):
+            if tensor is not None and tensor.device != device:
+                raise ValueError(f"{name} must be on the device of {input_name} ({device}), got {tensor.device}")
+    steps = options.shift_steps
+    if steps and targets.ndim < 1:
         last = _LAST_DIMENSION.get(input_name, "V")
         raise ValueError(f"shift=True needs {input_name} shaped (..., T, {last}): a sequence dimension, got none")
 
     targets = targets.long()
-    out_shape = tuple(targets.shape)
-    if shift:
+    rows_shape = tuple(targets.shape)
+    out_shape = rows_shape
+    if steps:
         # Shift the targets left instead of slicing the input: slicing (B, T, V) logits to
-        # (B, T-1, V) and flattening would copy all of them. The last position of each sequence
-        # gets ignore_index and is cut from a "none" result.
-        pad = torch.full_like(targets[..., :1], options.ignore_index)
-        targets = torch.cat([targets[..., 1:], pad], dim=-1)
+        # (B, T-k, V) and flattening would copy all of them. The last k positions of each sequence
+        # get ignore_index and are cut from a "none" result.
+        length = rows_shape[-1]
+        kept = max(length - steps, 0)
+
+        def shifted(tensor: Tensor, fill) -> Tensor:
+            pad = torch.full_like(tensor[..., : length - kept], fill)
+            return torch.cat([tensor[..., length - kept :], pad], dim=-1)
+
+        targets = shifted(targets, options.ignore_index)
         if mask is not None:
-            mask = torch.cat([mask[..., 1:], torch.zeros_like(mask[..., :1])], dim=-1)
+            mask = shifted(mask, False)
         if token_weights is not None:
-            token_weights = torch.cat([token_weights[..., 1:], torch.zeros_like(token_weights[..., :1])], dim=-1)
-        out_shape = out_shape[:-1] + (max(out_shape[-1] - 1, 0),)
+            token_weights = shifted(token_weights, 0.0)
+        out_shape = rows_shape[:-1] + (kept,)
 
     targets = targets.reshape(-1)
     counted = targets != options.ignore_index
@@ -320,12 +366,17 @@ def prepare_targets(
     weights = counted.float()
     if token_weights is not None:
         weights = torch.where(counted, token_weights.reshape(-1).float(), weights)
+        if options.check_inputs and targets.numel() > 0 and not bool(torch.isfinite(weights).all()):
+            raise ValueError(
+                "token_weights must be finite where a position counts; found NaN or inf "
+                "(pass check_inputs=False to skip this check)"
+            )
 
     if num_items is None:
         denominator = counted.sum().clamp(min=1).float()
     else:
-        denominator = _num_items_tensor(num_items, device=targets.device)
-    return PreparedTargets(safe_targets, weights, counted, denominator, out_shape, shift)
+        denominator = _num_items_tensor(num_items, counted, options.check_inputs)
+    return PreparedTargets(safe_targets, weights, counted, denominator, out_shape, rows_shape)
 
 
 def check_target_range(targets: Tensor, counted: Tensor, vocab_size: int, ignore_index: int, where: str = "") -> None:
@@ -349,14 +400,35 @@ def check_target_range(targets: Tensor, counted: Tensor, vocab_size: int, ignore
         )
 
 
-def _num_items_tensor(num_items: int | float | Tensor, device: torch.device) -> Tensor:
+def _num_items_tensor(num_items: int | float | Tensor, counted: Tensor, check: bool) -> Tensor:
+    """The denominator of ``"mean"`` from ``num_items``: exactly ``num_items`` (0.5 divides by 0.5, as
+    the Hugging Face loss does), or 1 where it is 0 and so nothing counts anywhere (the loss is 0).
+
+    Raises:
+        TypeError: not a number or a tensor.
+        ValueError: a tensor of more than one element; NaN, infinite or negative; 0 while some
+            position counts (a tensor is checked only with ``check``: one host sync on CUDA).
+    """
     if isinstance(num_items, Tensor):
         if num_items.numel() != 1:
             raise ValueError(f"num_items must be a number or a 1-element tensor, got shape {tuple(num_items.shape)}")
-        return num_items.reshape(()).to(device=device, dtype=torch.float32).clamp(min=1)
+        if num_items.dtype == torch.bool or num_items.is_complex():
+            raise TypeError(f"num_items must be a real number or tensor, got {num_items.dtype}")
+        value = num_items.reshape(()).to(device=counted.device, dtype=torch.float32)
+        if check:
+            _check_num_items(float(value), counted)
+        return torch.where(value == 0, torch.ones_like(value), value)
     if isinstance(num_items, bool) or not isinstance(num_items, (int, float)):
         raise TypeError(f"num_items must be a number or a tensor, got {type(num_items).__name__}")
-    if num_items < 0 or math.isnan(num_items):
-        raise ValueError(f"num_items must be >= 0 (the number of counted tokens), got {num_items}")
-    # A global count of 0 means nothing counted anywhere: the loss is 0, so any divisor works.
-    return torch.tensor(max(float(num_items), 1.0), device=device)
+    _check_num_items(float(num_items), counted)
+    return torch.tensor(float(num_items) if num_items != 0 else 1.0, device=counted.device)
+
+
+def _check_num_items(value: float, counted: Tensor) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"num_items must be a finite number >= 0 (the number of counted tokens), got {value}")
+    if value == 0 and counted.numel() > 0 and bool(counted.any()):
+        raise ValueError(
+            f"num_items is 0 but {int(counted.sum())} position(s) count here: pass the number of counted tokens "
+            "of the whole step (tokenloss.distributed.global_num_items)"
+        )

@@ -51,11 +51,13 @@ def reference_cross_entropy(
     """
     ignore_index, reduction, softcap = options.ignore_index, options.reduction, options.softcap
     label_smoothing, focal_gamma, z_loss = options.label_smoothing, options.focal_gamma, options.z_loss
-    if options.shift:
-        logits = logits[..., :-1, :]
-        targets = targets[..., 1:]
-        mask = None if mask is None else mask[..., 1:]
-        token_weights = None if token_weights is None else token_weights[..., 1:]
+    steps = options.shift_steps
+    if steps:  # the input at t predicts the target at t + steps
+        kept = max(logits.shape[-2] - steps, 0)
+        logits = logits[..., :kept, :]
+        targets = targets[..., steps:]
+        mask = None if mask is None else mask[..., steps:]
+        token_weights = None if token_weights is None else token_weights[..., steps:]
 
     x = logits.to(dtype)
     vocab_size = x.shape[-1]
@@ -84,5 +86,9 @@ def reference_cross_entropy(
         return loss
     if reduction == "sum":
         return loss.sum()
-    denominator = counts.sum() if num_items is None else torch.as_tensor(num_items)
-    return loss.sum() / denominator.clamp(min=1).to(dtype)
+    if num_items is None:
+        denominator = counts.sum().clamp(min=1)
+    else:  # exactly num_items; 0 only when nothing counts anywhere, where the sum is 0
+        denominator = torch.as_tensor(num_items, dtype=dtype)
+        denominator = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+    return loss.sum() / denominator.to(dtype)

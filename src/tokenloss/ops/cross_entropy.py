@@ -20,6 +20,7 @@ from tokenloss.ops.rowwise import (
     chunk_statistics,
     chunked_statistics,
     loss_and_coefficients,
+    refuse_double_backward,
     scale_coefficients,
 )
 from tokenloss.options import LossOptions
@@ -69,8 +70,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         )
         # Ignored rows may hold NaN/inf (padding); their gradient rows are then zeroed explicitly.
         # Without the check (check_inputs=False) that is not guaranteed.
-        zero_skipped_rows = check_finite_rows(stats.lse, counted, "logits") if options.check_inputs else False
         loss, alpha, beta, delta = loss_and_coefficients(stats, weights, vocab_size, options)
+        zero_skipped_rows = check_finite_rows(stats.lse, counted, "logits", loss) if options.check_inputs else False
         ctx.save_for_backward(logits, targets, weights, stats.shift, stats.log_sum, alpha, beta, delta)
         ctx.options, ctx.inplace_backward, ctx.chunk_rows = options, inplace_backward, chunk_rows
         ctx.zero_skipped_rows = zero_skipped_rows
@@ -78,6 +79,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
+        refuse_double_backward("cross_entropy")
         logits, targets, weights, shift, log_sum, alpha, beta, delta = ctx.saved_tensors
         row_scale = grad_loss.to(weights.dtype) * weights
         alpha, beta, delta = scale_coefficients(alpha, beta, delta, row_scale)

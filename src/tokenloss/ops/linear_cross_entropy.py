@@ -52,6 +52,7 @@ from tokenloss.ops.rowwise import (
     check_finite_rows,
     finite_shift,
     loss_and_coefficients,
+    refuse_double_backward,
     scale_coefficients,
 )
 from tokenloss.options import LossOptions, PreparedTargets
@@ -375,9 +376,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             hidden, weight, bias, targets, weights, options, chunk_rows, row_scale=row_scale, sink=sink
         )
         if options.check_inputs:
-            check_finite_rows(
-                shift + log_sum, torch.ones_like(shift, dtype=torch.bool), "logits (hidden @ weight.T + bias)"
-            )
+            counted = torch.ones_like(shift, dtype=torch.bool)  # only counted rows reach this Function
+            check_finite_rows(shift + log_sum, counted, "logits (hidden @ weight.T + bias)", loss)
         if options.reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, targets, weights, shift, log_sum, alpha, beta, delta)
             ctx.grads = None
@@ -388,6 +388,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
+        refuse_double_backward("linear_cross_entropy")
         if ctx.options.reduction == "none":
             grads = _recompute_gradients(ctx, grad_output)
         else:

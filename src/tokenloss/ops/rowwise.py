@@ -298,11 +298,35 @@ def chunk_gradient(
     return grad
 
 
-def check_finite_rows(lse: Tensor, counted: Tensor, name: str) -> bool:
-    """Raises ValueError if a counted row's log-sum-exp is NaN or infinite.
+def refuse_double_backward(name: str) -> None:
+    """Raises NotImplementedError in a backward pass run with ``create_graph=True``.
 
-    A NaN anywhere in a row, a ``+inf``, or a row of only ``-inf`` shows up here, so this
-    O(N) check replaces an O(N * V) scan of the logits. It costs one host sync on CUDA.
+    The backward passes write ``softmax - onehot`` with in-place kernels that autograd cannot
+    differentiate again; without this check ``torch.autograd.grad(..., create_graph=True)`` would
+    return a gradient with no graph (so the next ``grad`` call fails far away) or an unrelated
+    ``out=`` error.
+    """
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"tokenloss.{name} computes first derivatives only: a double backward (create_graph=True, "
+            "e.g. a gradient penalty) is not supported. Use tokenloss.reference.reference_cross_entropy "
+            "or torch.nn.functional.cross_entropy for that term"
+        )
+
+
+def check_finite_rows(lse: Tensor, counted: Tensor, name: str, loss: Tensor | None = None) -> bool:
+    """Raises ValueError if a counted row's log-sum-exp, or its loss, is NaN or infinite.
+
+    A NaN anywhere in a row, a ``+inf``, or a row of only ``-inf`` shows up in the log-sum-exp, so
+    this O(N) check replaces an O(N * V) scan of the logits. A ``-inf`` logit at the target class
+    (or, with label smoothing, at any class) leaves the log-sum-exp finite but makes the loss
+    infinite: that shows up in ``loss``. One host sync on CUDA for both.
+
+    Args:
+        lse: ``(N,)`` log-sum-exp of each row.
+        counted: ``(N,)`` bool, True where the row counts.
+        name: what the rows are, for the message (``"logits"``).
+        loss: optional ``(N,)`` per-row losses.
 
     Returns:
         True when some row that does *not* count is non-finite: its gradient must then be zeroed
@@ -310,12 +334,20 @@ def check_finite_rows(lse: Tensor, counted: Tensor, name: str) -> bool:
     """
     nonfinite = ~torch.isfinite(lse)
     bad = counted & nonfinite
-    any_bad, any_nonfinite = torch.stack([bad.any(), nonfinite.any()]).tolist()
+    bad_loss = counted & ~torch.isfinite(loss) if loss is not None else torch.zeros_like(counted)
+    any_bad, any_nonfinite, any_bad_loss = torch.stack([bad.any(), nonfinite.any(), bad_loss.any()]).tolist()
     if any_bad:
         first = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"{name} contain NaN or infinite values in {int(bad.sum())} counted row(s) (first: row {first} "
             "of the flattened rows); the loss would be NaN. Fix the model's output, or pass "
             "check_inputs=False to skip this check"
+        )
+    if any_bad_loss:
+        first = int(bad_loss.nonzero()[0, 0])
+        raise ValueError(
+            f"the loss is infinite in {int(bad_loss.sum())} counted row(s) (first: row {first} of the flattened "
+            f"rows): {name} hold -inf at the target class (or, with label smoothing, at some class), where the "
+            "probability is 0. Pass check_inputs=False to get the infinite loss instead"
         )
     return bool(any_nonfinite)

@@ -41,6 +41,7 @@ from tokenloss.ops.rowwise import (
     accumulation_dtype,
     check_finite_rows,
     loss_and_coefficients,
+    refuse_double_backward,
     scale_coefficients,
 )
 from tokenloss.ops.triton.common import check_device, on_device_of, softcap_tanh, triton_dtype
@@ -234,16 +235,17 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
         inplace_backward: bool,
     ) -> Tensor:
         stats = row_statistics(logits, targets, options)
-        if options.check_inputs:
-            check_finite_rows(stats.lse, counted, "logits")
         weights = weights.to(stats.lse.dtype)
         loss, alpha, beta, delta = loss_and_coefficients(stats, weights, logits.shape[1], options)
+        if options.check_inputs:
+            check_finite_rows(stats.lse, counted, "logits", loss)
         ctx.save_for_backward(logits, targets, weights, stats.lse, alpha, beta, delta)
         ctx.options, ctx.inplace_backward = options, inplace_backward
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
+        refuse_double_backward("cross_entropy")
         logits, targets, weights, lse, alpha, beta, delta = ctx.saved_tensors
         alpha, beta, delta = scale_coefficients(alpha, beta, delta, grad_loss.to(weights.dtype) * weights)
         grad = logits if ctx.inplace_backward else torch.empty_like(logits)

@@ -52,6 +52,7 @@ from tokenloss.ops.rowwise import (
     accumulation_dtype,
     check_finite_rows,
     loss_and_coefficients,
+    refuse_double_backward,
     scale_coefficients,
 )
 from tokenloss.ops.triton.common import (
@@ -474,11 +475,11 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         needs: tuple[bool, bool, bool],  # grad of hidden, weight, bias wanted
     ) -> Tensor:
         stats = fused_statistics(hidden, weight, bias, targets, options)
-        if options.check_inputs:
-            check_finite_rows(stats.lse, counted, "logits (hidden @ weight.T + bias)")
         acc = stats.lse.dtype
         weights = weights.to(acc)
         loss, alpha, beta, delta = loss_and_coefficients(stats, weights, weight.shape[0], options)
+        if options.check_inputs:
+            check_finite_rows(stats.lse, counted, "logits (hidden @ weight.T + bias)", loss)
         ctx.options, ctx.early, ctx.in_forward = options, None, False
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         reduced = options.reduction != "none"
@@ -496,6 +497,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
+        refuse_double_backward("linear_cross_entropy")
         if ctx.in_forward:
             if ctx.early is None:
                 raise RuntimeError(
