@@ -177,7 +177,8 @@ class PreparedTargets:
 
     Attributes:
         targets: ``(N,)`` int64; rows that do not count hold 0 so that gathers stay in range.
-        weights: ``(N,)`` float32; 0 for rows that do not count, the token weight (or 1) otherwise.
+        weights: ``(N,)`` float32 (float64 for float64 token weights); 0 for rows that do not count,
+            the token weight (or 1) otherwise.
         counted: ``(N,)`` bool; True where the row counts.
         denominator: 0-dim float32 tensor that the summed loss is divided by for ``"mean"``.
         out_shape: shape of the ``"none"`` result (the targets' shape after the shift).
@@ -363,9 +364,13 @@ def prepare_targets(
     if options.check_inputs and vocab_size is not None:
         check_target_range(targets, counted, vocab_size, options.ignore_index)
     safe_targets = torch.where(counted, targets, torch.zeros_like(targets))
-    weights = counted.float()
+    # float64 token weights stay float64 (a float64 loss would otherwise see them rounded to float32)
+    weights_dtype = (
+        torch.float64 if token_weights is not None and token_weights.dtype == torch.float64 else torch.float32
+    )
+    weights = counted.to(weights_dtype)
     if token_weights is not None:
-        weights = torch.where(counted, token_weights.reshape(-1).float(), weights)
+        weights = torch.where(counted, token_weights.reshape(-1).to(weights_dtype), weights)
         if options.check_inputs and targets.numel() > 0 and not bool(torch.isfinite(weights).all()):
             raise ValueError(
                 "token_weights must be finite where a position counts; found NaN or inf "
