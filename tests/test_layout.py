@@ -15,12 +15,13 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tokenloss"
 # ops/ (the loss); each other entry is a subpackage.
 ALLOWED = {
     "core": {"core"},
-    "models": {"core", "models"},
-    "integrations": {"core", "integrations"},
-    "evaluation": {"core", "models", "evaluation"},
-    "training": {"core", "models", "evaluation", "training"},
-    "explain": {"core", "models", "evaluation", "explain"},
-    "cli": {"core", "models", "evaluation", "training", "integrations", "explain", "cli"},
+    "utils": {"utils"},
+    "models": {"core", "utils", "models"},
+    "integrations": {"core", "utils", "integrations"},
+    "evaluation": {"core", "utils", "models", "evaluation"},
+    "training": {"core", "utils", "models", "evaluation", "training"},
+    "explain": {"core", "utils", "models", "evaluation", "explain"},
+    "cli": {"core", "utils", "models", "evaluation", "training", "integrations", "explain", "cli"},
 }
 PACKAGES = set(ALLOWED) - {"core"}
 

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from tokenloss.cli.errors import CLIError
+from tokenloss.utils.files import write_text_atomically
 
 EXAMPLES = """
 Examples:
@@ -63,7 +64,10 @@ def train_command(
     ] = 1,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-) -> None:
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the run files in a non-empty --out (other files are kept).")
+    ] = False,
+) -> int:
     """Train a small byte-level GPT (V = 256) and report how its loss fell from log V."""
     import torch
 
@@ -73,6 +77,8 @@ def train_command(
 
     if threads < 1:
         raise CLIError(f"--threads must be >= 1, got {threads}")
+    if out is not None:
+        prepare_out_dir(out, overwrite=overwrite)
     torch.set_num_threads(threads)
     model_config = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     config = TrainConfig(
@@ -116,12 +122,42 @@ def train_command(
         typer.echo(json.dumps(summary, indent=2))
     else:
         typer.echo(_summary_text(summary, out))
+    if result.interrupted_at is not None:
+        where = f"; the log, the best model so far and training.json are in {out}" if out is not None else ""
+        typer.echo(f"Interrupted at step {result.interrupted_at}{where}.", err=True)
+        return 130
+    return 0
+
+
+#: The files a run writes into --out.
+RUN_FILES = ("config.json", "model.safetensors", "log.jsonl", "loss.png", "training.json")
+
+
+def prepare_out_dir(out: Path, *, overwrite: bool) -> None:
+    """Makes ``out`` ready for a run: a new or empty directory, or (with ``overwrite``) one whose
+    run files are removed first, so that no directory ever mixes the files of two runs.
+
+    Raises:
+        CLIError: ``out`` is a file, or a non-empty directory without ``overwrite``.
+    """
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {str(out)!r} is a file, not a directory")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if present and not overwrite:
+        shown = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
+        raise CLIError(
+            f"--out {str(out)!r} already holds files ({shown}); pass --overwrite to replace the run files "
+            "there, or choose a new directory"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _write_outputs(out: Path, summary: dict) -> None:
     from tokenloss.training.curves import plot_runs, read_log
 
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomically(out / "training.json", json.dumps(summary, indent=2) + "\n")
     run = read_log(out / "log.jsonl", name="ByteGPT")
     try:
         plot_runs([run], out / "loss.png", vocab_size=256, title="tokenloss train: next-byte loss")
@@ -151,11 +187,12 @@ def _summary_text(s: dict, out: Path | None) -> str:
         f"       last training loss {s['final_train_loss']:.3f} (perplexity {math.exp(s['final_train_loss']):.2f})",
         f"run:   {s['steps_run']} steps"
         + (" (early stop: validation stopped improving)" if s["stopped_early"] else "")
+        + (f" (interrupted at step {s['interrupted_at']})" if s.get("interrupted_at") is not None else "")
         + f", {s['tokens']:,} bytes seen, {s['elapsed_s']:.0f} s wall, {s['cpu_s']:.0f} s CPU "
         + f"({s['tokens'] / max(s['elapsed_s'], 1e-9):,.0f} bytes/s)",
     ]
     if out is not None:
-        names = ["config.json", "model.safetensors", "log.jsonl", "loss.png", "training.json"]
+        names = RUN_FILES
         lines.append(f"wrote: {', '.join(str(out / n) for n in names if (out / n).exists())}")
     else:
         lines.append("(pass --out DIR to keep the model, the log and the plot)")

@@ -23,6 +23,7 @@ from pathlib import Path
 from tokenloss.evaluation.formatting import format_number
 from tokenloss.evaluation.scoring import TextScores
 from tokenloss.models import display_token
+from tokenloss.utils.files import atomic_path, write_text_atomically
 
 CSV_COLUMNS = (
     "index",
@@ -44,7 +45,7 @@ CSV_COLUMNS = (
 def write_tokens_csv(scores: TextScores, path: str | Path) -> Path:
     """Writes one CSV row per token (columns :data:`CSV_COLUMNS`; top guesses as ``token=p|...``)."""
     path = Path(path)
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
         for row in scores.rows():
@@ -57,7 +58,7 @@ def write_tokens_csv(scores: TextScores, path: str | Path) -> Path:
 def write_tokens_jsonl(scores: TextScores, path: str | Path) -> Path:
     """Writes one JSON object per token (:meth:`TextScores.rows`), one per line."""
     path = Path(path)
-    with path.open("w", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for row in scores.rows():
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
@@ -320,7 +321,7 @@ def write_report(scores: TextScores, result: dict, directory: str | Path, *, plo
         "jsonl": write_tokens_jsonl(scores, directory / "tokens.jsonl"),
     }
     summary_path = directory / "summary.json"
-    summary_path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomically(summary_path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     written["summary"] = summary_path
     png = None
     if plot:
@@ -330,8 +331,9 @@ def write_report(scores: TextScores, result: dict, directory: str | Path, *, plo
             png = None
         if png is not None:
             written["png"] = directory / "reliability.png"
-            written["png"].write_bytes(png)
+            with atomic_path(written["png"]) as tmp:
+                tmp.write_bytes(png)
     html_path = directory / "report.html"
-    html_path.write_text(render_html(scores, result, reliability_png_bytes=png), encoding="utf-8")
+    write_text_atomically(html_path, render_html(scores, result, reliability_png_bytes=png))
     written["html"] = html_path
     return written

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from tokenloss.utils.files import atomic_path, write_text_atomically
+
 MODEL_TYPE = "tokenloss-bytegpt"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -221,9 +223,11 @@ class ByteGPT(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        # Each file is renamed into place whole: an interrupted save leaves the previous file or the new one.
+        write_text_atomically(directory / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2) + "\n")
         state = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "model_type": MODEL_TYPE})
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "model_type": MODEL_TYPE})
         return directory
 
     @classmethod

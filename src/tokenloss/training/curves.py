@@ -31,6 +31,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tokenloss.utils.files import atomic_path
+
 STEP_COLUMNS = ("step", "global_step", "steps", "iteration", "iter", "it", "trainer/global_step", "_step")
 LOSS_COLUMNS = ("loss", "train_loss", "training_loss", "train/loss", "loss/train", "train_loss_step", "trainloss")
 VAL_COLUMNS = (
@@ -681,6 +683,7 @@ def plot_runs(
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    with atomic_path(path) as tmp:  # the format from the real name: the temporary one ends in .tmp
+        figure.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png")
     plt.close(figure)
     return path

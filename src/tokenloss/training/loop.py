@@ -214,6 +214,7 @@ class TrainResult:
         final_train_loss: the last logged training loss, nats.
         steps_run: optimizer steps taken.
         stopped_early: whether early stopping ended the run.
+        interrupted_at: the step during which Ctrl-C (KeyboardInterrupt) stopped the run, or None.
         tokens: training tokens (bytes) seen.
         elapsed_s: wall time of the loop, seconds.
         cpu_s: CPU time of this process during the loop, seconds (all threads; on a shared machine
@@ -229,6 +230,7 @@ class TrainResult:
     final_train_loss: float = math.nan
     steps_run: int = 0
     stopped_early: bool = False
+    interrupted_at: int | None = None
     tokens: int = 0
     elapsed_s: float = 0.0
     cpu_s: float = 0.0
@@ -256,11 +258,15 @@ def train(
         model_config: the model's sizes.
         config: the training knobs.
         out_dir: if given, ``log.jsonl`` is written there as training goes and the best model
-            (``config.json`` + ``model.safetensors``) each time validation improves.
+            (``config.json`` + ``model.safetensors``, each renamed into place whole) each time
+            validation improves.
         progress: show a tqdm bar (train loss, perplexity, tokens/s, validation loss) on stderr.
 
     Returns:
-        A :class:`TrainResult`; its model holds the best validation weights.
+        A :class:`TrainResult`; its model holds the best validation weights. Ctrl-C
+        (``KeyboardInterrupt``) during the loop ends it like early stopping: the log is kept, the
+        model in ``out_dir`` is a loadable one (the best so far, or the current weights if no
+        evaluation finished), and ``interrupted_at`` says at which step.
 
     Raises:
         ValueError: the dataset's block size differs from the model's, or the training loss turns
@@ -287,6 +293,7 @@ def train(
     window_loss, window_steps, window_tokens = 0.0, 0, 0
     start = window_start = time.perf_counter()
     cpu_start = time.process_time()
+    step = 0
     try:
         for step in range(config.steps):
             lr = learning_rate(step, config)
@@ -347,6 +354,8 @@ def train(
             if config.patience and bad_evals >= config.patience:
                 result.stopped_early = True
                 break
+    except KeyboardInterrupt:
+        result.interrupted_at = step
     finally:
         bar.close()
         if log_file is not None:
@@ -355,6 +364,8 @@ def train(
     result.cpu_s = time.process_time() - cpu_start
     if best_state is not None:
         model.load_state_dict(best_state)
+    elif out_dir is not None:  # interrupted before the first evaluation finished: keep a loadable model
+        model.save_pretrained(out_dir)
     model.eval()
     result.final_val_loss = evaluate(model, *dataset.val_windows(None))
     return result
