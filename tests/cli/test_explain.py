@@ -68,9 +68,20 @@ def test_no_browser_and_a_note_for_a_public_host(served, capsys):
     assert served["opened"] == []
 
 
-def test_model_path_is_passed_to_the_server(served, tmp_path):
-    assert main(["explain", "--port", "0", "--no-browser", "--model", str(tmp_path)]) == 0
-    assert served["servers"][0].model.label == str(tmp_path)
+def test_model_path_is_passed_to_the_server_and_loaded_at_start(served, tmp_path):
+    from tokenloss.models.bytegpt import ByteGPT, GPTConfig
+
+    ByteGPT(GPTConfig(block_size=8, n_layer=1, n_head=1, n_embd=8)).save_pretrained(tmp_path / "mine")
+    assert main(["explain", "--port", "0", "--no-browser", "--model", str(tmp_path / "mine")]) == 0
+    assert served["servers"][0].model._model is not None  # loaded before serving
+
+
+def test_a_broken_model_is_found_at_start(served, tmp_path, capsys):
+    """A directory that is no model, or a corrupt weights file: one line at start-up, no server."""
+    (tmp_path / "empty").mkdir()
+    assert main(["explain", "--port", "0", "--no-browser", "--model", str(tmp_path / "empty")]) == 2
+    assert "cannot load it" in capsys.readouterr().err
+    assert served["servers"] == []
 
 
 @pytest.mark.parametrize(

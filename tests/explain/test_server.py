@@ -153,7 +153,7 @@ def test_assets_are_a_fixed_table_of_static_files():
 def test_info_does_not_load_the_model(server):
     status, _, body = request(server, "GET", "/api/info")
     assert status == 200
-    assert json.loads(body) == {"model": "tiny random byte GPT", "max_text_chars": 200, "top_k": 5}
+    assert json.loads(body) == {"model": "tiny random byte GPT", "max_text_chars": 200, "max_tokens": 2048, "top_k": 5}
 
 
 def test_score_matches_score_text(server, tiny_model):
@@ -204,7 +204,8 @@ def test_score_rejects_bad_requests_with_a_clear_json_error(server, payload, con
 def test_score_without_content_length_is_refused(server):
     host, port = server.server_address[:2]
     with socket.create_connection((host, port), timeout=10) as raw:
-        raw.sendall(b"POST /api/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n")
+        head = f"POST /api/score HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n\r\n"
+        raw.sendall(head.encode())
         reply = raw.recv(4096)
     assert reply.startswith(b"HTTP/1.1 411")
     assert b"Content-Length" in reply
@@ -227,7 +228,7 @@ def test_model_is_loaded_lazily_and_once(monkeypatch, serve, tiny_model):
     monkeypatch.setattr(tokenloss.models, "load_model", fake_load_model)
     with serve(model_path="some/dir") as server:
         assert request(server, "GET", "/api/info")[0] == 200
-        assert json.loads(request(server, "GET", "/api/info")[2])["model"] == "some/dir"
+        assert json.loads(request(server, "GET", "/api/info")[2])["model"] == "dir"  # a name, never a path
         assert calls == []
         for _ in range(3):
             assert post_json(server, {"text": "abc"})[0] == 200

@@ -48,6 +48,12 @@ def run(host: str, port: int, model_path: str | None, open_browser: bool) -> Non
     if model_path is not None and not Path(model_path).exists():
         raise FileNotFoundError(f"--model {model_path}: no such file or directory (give a local model folder)")
     server = start_server(host, port, model_path)
+    if model_path is not None:  # a broken model is reported now, not on the first request
+        try:
+            server.load_model()
+        except Exception as error:
+            server.server_close()
+            raise CLIError(f"--model {model_path}: cannot load it: {error}") from None
     url = server.url
     typer.echo(f"tokenloss explain: open {url} in your browser (Ctrl+C to stop)")
     if not _is_loopback(host):
@@ -59,9 +65,10 @@ def run(host: str, port: int, model_path: str | None, open_browser: bool) -> Non
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        typer.echo("Stopped.")
+        typer.echo("Stopping: finishing the request in progress...")
     finally:
-        server.server_close()
+        server.server_close()  # joins the request threads (each bounded by the socket timeout)
+    typer.echo("Stopped.")
 
 
 def register(app: typer.Typer) -> None:
