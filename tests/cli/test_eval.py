@@ -267,3 +267,46 @@ def test_torchrun_two_processes_equal_one(model_dir, text_file, tmp_path, capsys
         assert sharded[key] == single[key], key
     for key in JSON_KEYS - {"tokens"}:
         assert sharded[key] == pytest.approx(single[key], rel=1e-6), key
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "bad-config"])
+def test_a_broken_model_directory_is_one_line(tmp_path, capsys, damage):
+    """Corrupt, empty or truncated safetensors, or an unreadable config: one line naming the file, exit 2."""
+    from tokenloss.models.bytegpt import ByteGPT, GPTConfig
+
+    directory = tmp_path / "m"
+    ByteGPT(GPTConfig(block_size=8, n_layer=1, n_head=1, n_embd=8)).save_pretrained(directory)
+    weights = directory / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    else:
+        (directory / "config.json").write_text('{"model_type": "tokenloss-bytegpt", "n_layer": ')
+    text = tmp_path / "t.txt"
+    text.write_text("hello world")
+    assert main(["eval", "--model", str(directory), "--text", str(text), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "config.json" in err if damage == "bad-config" else "model.safetensors" in err
+
+
+def test_a_directory_as_text_is_one_line(tmp_path, capsys):
+    assert main(["eval", "--text", str(tmp_path), "--quiet"]) == 2
+    assert "is not a file" in capsys.readouterr().err
+
+
+def test_stdin_on_a_terminal_says_it_is_reading(monkeypatch, capsys):
+    """With no --text on a terminal, one line says that standard input is read (and how to end it)."""
+    from tokenloss.cli.eval import read_text
+
+    class Terminal(io.TextIOWrapper):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal(io.BytesIO(b"typed text")))
+    assert read_text(None, "utf-8") == ("typed text", "stdin")
+    assert "reading the text from standard input" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"piped")))
+    assert read_text(None, "utf-8") == ("piped", "stdin")
+    assert capsys.readouterr().err == ""

@@ -146,6 +146,22 @@ def test_spike_fires_on_a_jump_and_not_on_noise():
     assert finding.kind == "spike" and finding.step == 300.0
 
 
+def test_spike_fires_from_the_first_points():
+    """A training loss of 50 at step 3 is a spike (too early for a full window of history)."""
+    (finding,) = detect_spikes(Series([0.0, 1.0, 2.0, 3.0, 4.0], [5.5, 5.3, 5.1, 50.0, 4.9]))
+    assert finding.step == 3.0 and "50" in finding.message
+
+
+def test_validation_spikes_are_found_like_training_ones():
+    """A validation loss of 1e6 among a falling validation curve is reported by check_run."""
+    train = _falling()
+    val = Series([0.0, 50.0, 100.0, 150.0], [5.5, 4.0, 1e6, 3.5])
+    findings = check_run(Run(name="r", source="test", train=train, val=val))
+    spikes = [f for f in findings if f.kind == "spike"]
+    assert [(f.series, f.step) for f in spikes] == [("val", 100.0)]
+    assert "validation loss spikes" in spikes[0].message
+
+
 def test_spike_ignores_a_fast_fall():
     """A loss that drops quickly at the start never reads as a spike."""
     steep = Series([float(i) for i in range(30)], [10.0 * 0.7**i + 1 for i in range(30)])
@@ -247,3 +263,32 @@ def test_run_dataclass_defaults_are_independent():
     a, b = Run("a", "a"), Run("b", "b")
     a.train.steps.append(1.0)
     assert b.train.steps == []
+
+
+def test_jsonl_and_csv_logs_are_streamed(tmp_path, monkeypatch):
+    """JSON Lines and CSV are read line by line (never the whole text at once): a big log's memory is
+    its numbers. read_text is only for trainer_state.json."""
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": i, "loss": 5.0 - i / 1000}) + "\n" for i in range(3000)))
+    table = tmp_path / "log.csv"
+    table.write_text("step,loss\n" + "".join(f"{i},{5.0 - i / 1000}\n" for i in range(3000)))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read the whole file")
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    for path in (log, table):
+        run = read_log(path)
+        assert len(run.train) == 3000 and run.train.values[-1] == pytest.approx(5.0 - 2999 / 1000)
+
+
+def test_numbers_too_large_and_deep_nesting_are_format_errors(tmp_path):
+    """An integer of 400 digits or JSON nested 100000 deep: one LogFormatError naming the file and line."""
+    big = tmp_path / "big.jsonl"
+    big.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": ' + "9" * 400 + "}\n")
+    with pytest.raises(LogFormatError, match=r"big.jsonl:2: 'loss' is too large"):
+        read_log(big)
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"step": 0, "loss": ' + "[" * 100000 + "]" * 100000 + "}\n")
+    with pytest.raises(LogFormatError, match=r"deep.jsonl:1: JSON nested too deeply"):
+        read_log(deep)

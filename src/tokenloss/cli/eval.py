@@ -46,6 +46,12 @@ def read_text(source: str | None, encoding: str) -> tuple[str, str]:
     except LookupError:
         raise CLIError(f"unknown encoding {encoding!r}: pass a Python codec name to --encoding, e.g. utf-8") from None
     if source is None or source == "-":
+        if sys.stdin.isatty():  # a person at a terminal, not a pipe: say why nothing happens
+            print(
+                "tokenloss eval: reading the text from standard input; type or paste it, then Ctrl-D "
+                "(or pass --text FILE)",
+                file=sys.stderr,
+            )
         data, label = sys.stdin.buffer.read(), "stdin"
     else:
         path = Path(source)

@@ -236,7 +236,8 @@ class ByteGPT(nn.Module):
 
         Raises:
             FileNotFoundError: ``directory``, its ``config.json`` or ``model.safetensors`` is missing.
-            ValueError: the config is not a ByteGPT config or the weights do not fit it.
+            ValueError: the config is not a ByteGPT config, the weights file is empty, truncated or
+                corrupt, or the weights do not fit the config.
         """
         from safetensors.torch import load_file
 
@@ -244,10 +245,20 @@ class ByteGPT(nn.Module):
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"no ByteGPT {name} in {directory}")
-        config = GPTConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        try:
+            config = GPTConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{directory / CONFIG_NAME} is not a valid ByteGPT config: {error}") from None
         model = cls(config)
         try:
-            model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+            state = load_file(str(directory / WEIGHTS_NAME))
+        except Exception as error:  # safetensors' own SafetensorError: empty, truncated or corrupt file
+            raise ValueError(
+                f"{directory / WEIGHTS_NAME} cannot be read ({error}): the file is empty, truncated or corrupt; "
+                "save or copy the model again"
+            ) from None
+        try:
+            model.load_state_dict(state)
         except RuntimeError as error:
             raise ValueError(f"the weights in {directory / WEIGHTS_NAME} do not fit its config: {error}") from None
         return model.to(device).eval()

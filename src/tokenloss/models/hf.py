@@ -127,7 +127,7 @@ def load_hf_model(directory: str | Path, *, device: torch.device, dtype: torch.d
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 directory, local_files_only=True, **{dtype_argument: dtype}
             )
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except Exception as error:  # also safetensors' SafetensorError for a corrupt or truncated weights file
             raise ValueError(f"cannot load a causal LM from {str(directory)!r}: {_first_line(error)}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)

@@ -22,12 +22,13 @@ Losses are taken to be in nats (what PyTorch and Hugging Face log); perplexity =
 from __future__ import annotations
 
 import csv
-import io
+import itertools
 import json
 import math
 import re
 import statistics
-from collections.abc import Iterable, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,16 +142,17 @@ def read_log(
     path = _resolve_log_path(Path(path))
     label = name or (f"{path.parent.name}/{path.name}" if path.parent.name else path.name)
     try:
-        text = path.read_text(encoding="utf-8")
+        if fmt == "auto":
+            with path.open(encoding="utf-8") as handle:
+                fmt = _guess_format(path, handle.read(64 * 1024))
+        if fmt == "trainer_state":  # one JSON document: read whole
+            run = _read_trainer_state(path, path.read_text(encoding="utf-8"), label)
+        else:  # JSON Lines and CSV are streamed: memory holds the numbers, not the text
+            with path.open(encoding="utf-8", newline="") as handle:
+                rows = _jsonl_rows(path, handle) if fmt == "jsonl" else _csv_rows(path, handle)
+                run = _run_from_rows(path, rows, label, step_col=step_col, loss_col=loss_col, val_col=val_col)
     except UnicodeDecodeError as error:
         raise LogFormatError(f"{path}: not a UTF-8 text file ({error.reason} at byte {error.start})") from None
-    if fmt == "auto":
-        fmt = _guess_format(path, text)
-    if fmt == "trainer_state":
-        run = _read_trainer_state(path, text, label)
-    else:
-        rows = _jsonl_rows(path, text) if fmt == "jsonl" else _csv_rows(path, text)
-        run = _run_from_rows(path, rows, label, step_col=step_col, loss_col=loss_col, val_col=val_col)
     if not len(run.train) and not len(run.val):
         raise LogFormatError(f"{path}: no loss values found")
     return run
@@ -181,7 +183,7 @@ def _guess_format(path: Path, text: str) -> str:
         return "csv"
     if suffix == ".json":
         return "trainer_state"
-    stripped = text.lstrip()
+    stripped = text.lstrip()  # the first 64 KiB
     if stripped.startswith("{"):
         first_line = stripped.split("\n", 1)[0].strip()
         return "jsonl" if first_line.endswith("}") else "trainer_state"
@@ -197,6 +199,8 @@ def _read_trainer_state(path: Path, text: str, label: str) -> Run:
         state = json.loads(text)
     except json.JSONDecodeError as error:
         raise LogFormatError(f"{path}:{error.lineno}: invalid JSON: {error.msg} (column {error.colno})") from None
+    except RecursionError:
+        raise LogFormatError(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
         raise LogFormatError(
             f"{path}:1: no 'log_history' list: not a Hugging Face trainer_state.json "
@@ -250,28 +254,32 @@ def _entry_location(path: Path, text: str, spans: list[tuple[int, int]], index: 
     return f"{path}:{_line_of(text, start)}"
 
 
-def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+def _jsonl_rows(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` of each non-blank line, parsed as it is read."""
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise LogFormatError(f"{path}:{lineno}: invalid JSON: {error.msg} (column {error.colno})") from None
+        except RecursionError:
+            raise LogFormatError(f"{path}:{lineno}: JSON nested too deeply to read") from None
         if not isinstance(record, dict):
             raise LogFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        rows.append((lineno, record))
-    return rows
+        yield lineno, record
 
 
-def _csv_rows(path: Path, text: str) -> list[tuple[int, dict]]:
-    lines = text.splitlines()
-    header_line = next((line for line in lines if line.strip()), "")
-    delimiter = "\t" if path.suffix.lower() == ".tsv" or ("\t" in header_line and "," not in header_line) else ","
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+def _csv_rows(path: Path, handle) -> Iterator[tuple[int, dict]]:
+    """``(line number, {column: cell})`` of each non-blank CSV/TSV row after the header, as it is read."""
+    first = handle.readline()
+    while first and not first.strip():
+        first = handle.readline()
+    if not first:
+        raise LogFormatError(f"{path}: empty file")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" or ("\t" in first and "," not in first) else ","
+    reader = csv.reader(itertools.chain([first], handle), delimiter=delimiter)
     header: list[str] | None = None
-    rows = []
     try:
         for fields in reader:
             if not any(cell.strip() for cell in fields):
@@ -283,12 +291,9 @@ def _csv_rows(path: Path, text: str) -> list[tuple[int, dict]]:
                 raise LogFormatError(
                     f"{path}:{reader.line_num}: {len(fields)} fields, but the header has {len(header)}"
                 )
-            rows.append((reader.line_num, dict(zip(header, fields))))
+            yield reader.line_num, dict(zip(header, fields))
     except csv.Error as error:
         raise LogFormatError(f"{path}:{reader.line_num}: malformed CSV: {error}") from None
-    if header is None:
-        raise LogFormatError(f"{path}: empty file")
-    return rows
 
 
 def _pick_column(columns: Iterable[str], explicit: str | None, candidates: Sequence[str], role: str, path: Path):
@@ -308,10 +313,52 @@ def _normalise(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
+_UNSEEN = object()
+
+
+class _Column:
+    """The numbers of one candidate column, gathered in one pass: the row each came from, its value,
+    and the first cell that was not a number (raised only if this column is the one used)."""
+
+    def __init__(self) -> None:
+        self.rows = array("q")
+        self.values = array("d")
+        self.bad: LogFormatError | None = None
+
+    def add(self, row: int, value: object, key: str, where: str) -> None:
+        try:
+            number = _number(value, key, where)
+        except LogFormatError as error:
+            if self.bad is None:
+                self.bad = error
+            number = math.nan
+        self.rows.append(row)
+        self.values.append(number)
+
+
 def _run_from_rows(path, rows, label, *, step_col, loss_col, val_col) -> Run:
-    columns: dict[str, None] = {}
-    for _, row in rows:
-        columns.update(dict.fromkeys(row))
+    """One pass over ``rows``: keeps the numbers of every column that could be the step, the loss or
+    the validation loss (by name), then picks the columns as :func:`read_log` documents."""
+    wanted = {_normalise(c) for c in (*STEP_COLUMNS, *LOSS_COLUMNS, *VAL_COLUMNS)}
+    explicit = {c for c in (step_col, loss_col, val_col) if c is not None}
+    columns: dict[str, _Column | None] = {}  # every column seen, in order; a _Column where it may be used
+    linenos = array("q")
+    for index, (lineno, row) in enumerate(rows):
+        linenos.append(lineno)
+        for key, value in row.items():
+            column = columns.get(key, _UNSEEN)
+            if column is _UNSEEN:
+                column = _Column() if key in explicit or _normalise(key) in wanted else None
+                columns[key] = column
+            if column is None or value is None:
+                continue
+            kind = type(value)
+            if (kind is float or kind is int) and -1e300 < value < 1e300:  # the common case, unchecked
+                column.rows.append(index)
+                column.values.append(value)
+            elif not _missing(value):
+                column.add(index, value, key, f"{path}:{lineno}")
+    kept = {key: column for key, column in columns.items() if column is not None}
     step_key = _pick_column(columns, step_col, STEP_COLUMNS, "step", path)
     loss_key = _pick_column(columns, loss_col, LOSS_COLUMNS, "training loss", path)
     val_key = _pick_column(columns, val_col, VAL_COLUMNS, "validation loss", path)
@@ -321,19 +368,30 @@ def _run_from_rows(path, rows, label, *, step_col, loss_col, val_col) -> Run:
         )
     run = Run(name=label, source=str(path))
     run.notes.append(f"columns: step={step_key or '(row number)'}, loss={loss_key or '-'}, val_loss={val_key or '-'}")
-    for index, (lineno, row) in enumerate(rows):
-        where = f"{path}:{lineno}"
-        for key, series in ((loss_key, run.train), (val_key, run.val)):
-            if key is None or _missing(row.get(key)):
-                continue
-            if step_key is None:
-                step = float(index)
-            elif _missing(row.get(step_key)):
-                raise LogFormatError(f"{where}: a {key!r} value but no {step_key!r}")
+    steps_by_row = None
+    if step_key is not None:
+        step_column = kept.get(step_key, _Column())
+        steps_by_row = array("d", [math.nan]) * len(linenos)
+        has_step = bytearray(len(linenos))
+        for row, value in zip(step_column.rows, step_column.values):
+            steps_by_row[row], has_step[row] = value, 1
+    for key, series in ((loss_key, run.train), (val_key, run.val)):
+        column = kept.get(key) if key is not None else None
+        if column is None:
+            continue
+        if column.bad is not None:
+            raise column.bad
+        for row, value in zip(column.rows, column.values):
+            if steps_by_row is None:
+                step = float(row)
+            elif not has_step[row]:
+                raise LogFormatError(f"{path}:{linenos[row]}: a {key!r} value but no {step_key!r}")
             else:
-                step = _number(row[step_key], step_key, where)
+                step = steps_by_row[row]
+                if math.isnan(step) and step_column.bad is not None:
+                    raise step_column.bad
             series.steps.append(step)
-            series.values.append(_number(row[key], key, where))
+            series.values.append(value)
     return run
 
 
@@ -345,7 +403,10 @@ def _number(value: object, key: str, where: str) -> float:
     if isinstance(value, bool):
         raise LogFormatError(f"{where}: {key!r} must be a number, got {json.dumps(value)}")
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer with hundreds of digits
+            raise LogFormatError(f"{where}: {key!r} is too large for a number: {str(value)[:20]}...") from None
     if isinstance(value, str):
         try:
             return float(value.strip())  # accepts "nan", "inf", "1e-3"
@@ -422,24 +483,47 @@ def detect_nonfinite(series: Series, *, label: str = "train") -> list[Finding]:
 
 
 def detect_spikes(
-    series: Series, *, window: int = 10, threshold: float = 6.0, min_jump: float = 0.25, label: str = "train"
+    series: Series,
+    *,
+    window: int = 10,
+    threshold: float = 6.0,
+    min_jump: float = 0.25,
+    label: str = "train",
+    max_findings: int = 5,
 ) -> list[Finding]:
     """Points that jump far above the recent level: one finding per run of consecutive spike points.
 
     A finite point ``x`` is a spike when, with ``m`` the median and ``mad`` the median absolute
-    deviation of the previous ``window`` finite points,
-    ``x - m > max(threshold * 1.4826 * mad, min_jump * |m|)``: far outside the recent noise *and*
-    at least ``min_jump`` (relative) above it, so steady noise and falling losses never fire.
+    deviation of the previous ``window`` finite points (all of them, from the third point on,
+    while there are fewer), ``x - m > max(threshold * 1.4826 * mad, min_jump * |m|)``: far outside
+    the recent noise *and* at least ``min_jump`` (relative) above it, so steady noise and falling
+    losses never fire. Training and validation series are checked alike. At most ``max_findings``
+    spikes are listed, then one finding that says there are more.
     """
     finite = series.finite()
     findings: list[Finding] = []
     in_spike = False
-    for i in range(window, len(finite)):
-        recent = finite.values[i - window : i]
-        level = statistics.median(recent)
-        mad = statistics.median(abs(v - level) for v in recent)
-        jump = finite.values[i] - level
-        is_spike = jump > max(threshold * 1.4826 * mad, min_jump * abs(level))
+    values = finite.values
+    for i in range(2, len(values)):
+        recent = sorted(values[max(0, i - window) : i])
+        half = len(recent) // 2
+        level = recent[half] if len(recent) % 2 else (recent[half - 1] + recent[half]) / 2
+        jump = values[i] - level
+        is_spike = jump > min_jump * abs(level)  # the cheap test first: most points fail it
+        if is_spike:
+            mad = statistics.median([abs(v - level) for v in recent])
+            is_spike = jump > threshold * 1.4826 * mad
+        if is_spike and not in_spike and len(findings) == max_findings:
+            findings.append(
+                Finding(
+                    "spike",
+                    f"... and more {'validation ' if label == 'val' else ''}spikes after step "
+                    f"{_fmt_step(findings[-1].step)} (only the first {max_findings} are listed)",
+                    finite.steps[i],
+                    label,
+                )
+            )
+            break
         if is_spike and not in_spike:
             what = "validation loss" if label == "val" else "loss"
             findings.append(
@@ -545,7 +629,8 @@ def check_run(run: Run, *, vocab_size: int | None = None) -> list[Finding]:
     findings: list[Finding] = []
     for label, series in (("train", run.train), ("val", run.val)):
         findings += detect_nonfinite(series, label=label)
-    findings += detect_spikes(run.train, label="train")
+    for label, series in (("train", run.train), ("val", run.val)):
+        findings += detect_spikes(series, label=label)
     main = run.train if len(run.train.finite()) >= 3 else run.val
     findings += detect_no_learning(main, vocab_size=vocab_size, label="train" if main is run.train else "val")
     findings += detect_overfitting(run.train, run.val)
