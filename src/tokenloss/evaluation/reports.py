@@ -90,15 +90,18 @@ def reliability_png(reliability: dict, *, title: str = "Reliability diagram") ->
     top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.bar(lefts, accuracy, width=width, align="edge", color="#3b82f6", edgecolor="#1e3a8a", label="accuracy")
     gaps = [c - a if n else 0.0 for a, c, n in zip(accuracy, confidence, counts)]
+    # Hatched, not filled: a translucent fill over the blue bars would make a colour the legend does not name.
     top.bar(
         lefts,
         gaps,
         bottom=accuracy,
         width=width,
         align="edge",
-        color="#ef4444",
-        alpha=0.35,
-        label="gap to confidence",
+        fill=False,
+        hatch="///",
+        edgecolor="#dc2626",
+        linewidth=0.8,
+        label="gap to mean confidence",
     )
     top.plot([0, 1], [0, 1], linestyle="--", color="#374151", label="perfect calibration")
     top.set_xlim(0, 1)
