@@ -647,10 +647,13 @@ def verdict(run: Run, findings: Sequence[Finding], *, vocab_size: int | None = N
     train = run.train.finite()
     if len(train):
         end = _tail_level(train.values)
+        tail = max(3, int(len(train.values) * 0.1))
         lines.append(
             f"  train: {len(run.train)} points, "
             f"steps {_fmt_step(run.train.steps[0])}-{_fmt_step(run.train.steps[-1])}; "
-            f"loss {train.values[0]:.4g} -> {end:.4g} (end level; perplexity {_ppl(end)})"
+            f"loss {train.values[0]:.4g} first, {train.values[-1]:.4g} last, "
+            f"{end:.4g} end level (median of the last {min(tail, len(train.values))} points: steadier than the "
+            f"last one; perplexity {_ppl(end)})"
         )
     best = best_point(run.val)
     if best is not None:
@@ -687,7 +690,8 @@ def plot_runs(
 
     Per run (one colour): training loss as faint raw points with the EMA line on top
     (``smoothing`` > 0) or as a line (``smoothing`` = 0); validation loss dashed with markers and
-    its best point starred and labelled. ``vocab_size`` adds the ``log V`` line. Non-finite values
+    its best point starred and named in the legend. ``vocab_size`` adds the ``log V`` line (in the
+    legend too: nothing is written on the lines). Non-finite values
     are left out of the lines and their first step marked by a red vertical line.
 
     Raises:
@@ -726,16 +730,16 @@ def plot_runs(
                 steps, shown, color=color, linestyle="--", marker="o", markersize=3.5, label=f"{prefix}validation"
             )
             best = best_point(run.val)
-            if best is not None:
-                axis.plot(*best, marker="*", markersize=15, color=color, markeredgecolor="black", zorder=5)
-                axis.annotate(
-                    f"best val {best[1]:.3f} (ppl {_ppl(best[1])}) @ {_fmt_step(best[0])}",
-                    best,
-                    textcoords="offset points",
-                    xytext=(-8, 10),
-                    ha="right",
-                    fontsize=8,
+            if best is not None:  # named in the legend: a label on the plot would sit on the lines
+                axis.plot(
+                    *best,
+                    marker="*",
+                    markersize=15,
                     color=color,
+                    markeredgecolor="black",
+                    zorder=5,
+                    linestyle="none",
+                    label=f"{prefix}best val {best[1]:.3f} (ppl {_ppl(best[1])}) @ step {_fmt_step(best[0])}",
                 )
         for series in (run.train, run.val):
             bad = [s for s, v in zip(series.steps, series.values) if not math.isfinite(v)]
@@ -747,23 +751,29 @@ def plot_runs(
                 break
     if vocab_size is not None:
         log_v = math.log(vocab_size)
-        axis.axhline(log_v, color="grey", linestyle=":", linewidth=1.2)
-        axis.text(
-            0.01, log_v, f" log V = ln {vocab_size} = {log_v:.3f} (uniform guess)", color="grey", fontsize=8,
-            va="bottom", transform=axis.get_yaxis_transform(),
-        )  # fmt: skip
+        axis.axhline(
+            log_v,
+            color="grey",
+            linestyle=":",
+            linewidth=1.2,
+            label=f"log V = ln {vocab_size} = {log_v:.3f} (uniform guess)",
+        )
     axis.set_xlabel("step")
     axis.set_ylabel("loss (nats per token)")
     low, high = axis.get_ylim()
     axis.set_ylim(max(low, 0.0) if low >= -1e-9 else low, high)
+    # exp stays monotonic up to float64's limit, so large losses keep their perplexity ticks
     perplexity = axis.secondary_yaxis(
-        "right", functions=(lambda x: np.exp(np.clip(x, -50, 50)), lambda y: np.log(np.clip(y, 1e-300, None)))
+        "right", functions=(lambda x: np.exp(np.clip(x, -700, 700)), lambda y: np.log(np.clip(y, 1e-300, None)))
     )
-    perplexity.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    low, high = axis.get_ylim()
+    decades = (high - low) / math.log(10)
+    subs = (1.0, 2.0, 5.0) if decades <= 3 else (1.0,)  # 1-2-5 ticks over a few decades, powers of ten beyond
+    perplexity.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs, numticks=12))
     perplexity.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
     perplexity.set_ylabel("perplexity = exp(loss)")
     axis.grid(True, alpha=0.3)
-    axis.legend(loc="upper right", fontsize=8)
+    axis.legend(loc="best", fontsize=8)
     axis.set_title(title or "loss against step")
     figure.tight_layout()
     path = Path(path)
