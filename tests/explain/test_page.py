@@ -266,6 +266,25 @@ def test_presets_and_extreme_logits_stay_finite(page, preset, loss):
     assert "Infinity" not in page.locator("#code-snippet").inner_text()
 
 
+@pytest.mark.parametrize("preset", ["extreme", "uniform", "right", "start"])
+def test_story_arithmetic_adds_up_with_a_calculator(page, preset):
+    """The story's "p = ..., so the loss is -log p = L": -ln of the printed p gives the printed L to its
+    3 decimals (p is printed with the digits the loss needs, not rounded to 0.001 or 0.000)."""
+    page.click(f"[data-preset={preset}]") if preset != "start" else None
+    story = page.locator("#logit-story").inner_text()
+    match = re.search(r"p = ([0-9.e−-]+), so the loss is −log \1 = ([0-9.]+) nats", story)
+    assert match, story
+    printed_p = float(match.group(1).replace("−", "-"))
+    if printed_p > 0:
+        assert -math.log(printed_p) == pytest.approx(float(match.group(2)), abs=6e-4), story
+
+
+def test_counts_are_whole_numbers(page):
+    """"1 chance in 20", not "20.00"."""
+    page.locator("#p-slider").fill("0.05")
+    assert "1 chance in 20." in page.locator("#curve-story").inner_text()
+
+
 def test_probability_slider_and_handle(page):
     """The slider and the handle on the curve give -ln p in nats, bits and perplexity 1/p."""
     slider = page.locator("#p-slider")

@@ -54,6 +54,22 @@
     return M.formatNumber(x, 2);
   }
 
+  /**
+   * A probability with the digits its loss needs: 4 significant digits (so that a learner's
+   * calculator gives -log p to the 3 decimals shown), powers of ten below 1e-4.
+   */
+  function fmtProb(p) {
+    if (p === 0 || p === 1) return String(p);
+    if (p < 1e-4) return p.toExponential(3).replace("e-", "e−");
+    return p.toPrecision(4);
+  }
+
+  /** A count such as "1 chance in 20": a whole number from 10 on, one decimal below. */
+  function fmtCount(x) {
+    if (!isFinite(x)) return "∞";
+    return x >= 10 ? Math.round(x).toLocaleString("en-US") : x.toFixed(1);
+  }
+
   /** A positive number for a formula: 3 significant digits, powers of ten when large or small. */
   function fmtExp(x) {
     if (x >= 1e5 || x < 1e-3) return x.toExponential(2).replace("e+", "e");
@@ -266,8 +282,8 @@
     setText("gauge-logv-label", "log V = " + fmt(s.logV, 2));
     setText("gauge-max", s.loss > gaugeMax ? fmt(s.loss, 1) + " →" : String(gaugeMax));
 
-    var story = "The model gives “" + name + "” p = " + fmt(s.p[lab.target], 3) + ", so the loss is −log " +
-      fmt(s.p[lab.target], 3) + " = " + fmt(s.loss, 3) + " nats. ";
+    var story = "The model gives “" + name + "” p = " + fmtProb(s.p[lab.target]) + ", so the loss is −log " +
+      fmtProb(s.p[lab.target]) + " = " + fmt(s.loss, 3) + " nats. ";
     if (top === lab.target && s.p[top] > 0.9) story += "Sure and right: the loss is close to 0.";
     else if (s.loss > s.logV + 1e-9) story += "Worse than an even guess (log V): the model bets on “" + wordName(top) + "”, the wrong word.";
     else if (Math.abs(s.loss - s.logV) < 0.05) story += "About the loss of an even guess: the model has no idea yet.";
@@ -416,8 +432,8 @@
     var story;
     if (curve.p === 1) story = "Certain and right: no surprise at all, loss 0.";
     else if (curve.p >= 0.9) story = "Almost sure and right: the curve is flat here, the loss is tiny.";
-    else if (curve.p >= 0.3) story = "A fair bet: as unsure as a fair pick among " + fmtPpl(ppl) + " words.";
-    else if (curve.p >= 0.05) story = "An outsider: the model gave this word about 1 chance in " + fmtPpl(ppl) + ".";
+    else if (curve.p >= 0.3) story = "A fair bet: as unsure as a fair pick among " + fmtCount(ppl) + " words.";
+    else if (curve.p >= 0.05) story = "An outsider: the model gave this word about 1 chance in " + fmtCount(ppl) + ".";
     else story = "Shocked: the model all but ruled this word out. The wall: halve p again and the loss grows by another " + fmt(Math.LN2, 3) + ".";
     setText("curve-story", story);
   }
