@@ -6,6 +6,7 @@ The public API::
     tl.linear_cross_entropy(hidden, weight, targets, ...)   # fused with the LM head: no (N, V) logits
     tl.CrossEntropyLoss(...), tl.LinearCrossEntropyLoss(...)  # the same as nn.Modules
     tl.LossOptions(...)                                     # the options, listed and checked once
+    tl.token_logprobs(logits, tokens), tl.linear_token_logprobs(hidden, weight, tokens)  # RL: logp, entropy
 
 The formulas, written plainly, are in :mod:`tokenloss.reference`; the options, listed once, in
 :mod:`tokenloss.options`; the per-row math of the fast paths in :mod:`tokenloss.ops.rowwise`.
@@ -15,6 +16,7 @@ Everything else lives in packages that depend on the loss and never the reverse:
 """
 
 from tokenloss.functional import cross_entropy, linear_cross_entropy
+from tokenloss.logprobs import linear_token_logprobs, token_logprobs
 from tokenloss.modules import CrossEntropyLoss, LinearCrossEntropyLoss
 from tokenloss.options import LossOptions
 
@@ -26,5 +28,7 @@ __all__ = [
     "LossOptions",
     "cross_entropy",
     "linear_cross_entropy",
+    "linear_token_logprobs",
+    "token_logprobs",
     "__version__",
 ]

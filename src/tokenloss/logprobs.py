@@ -1,0 +1,303 @@
+"""Per-token log-probabilities and entropy of the sampled tokens, for RL fine-tuning (GRPO, PPO, DAPO).
+
+For logits ``x`` (or ``hidden @ weight.T + bias``) at temperature ``T``, with ``z = x / T`` and
+``p = softmax(z)``::
+
+    logp[i]    = log p_i[tokens[i]] = z_i[t] - logsumexp(z_i)
+    entropy[i] = -sum_j p_ij log p_ij
+
+Both are differentiable, each with its own upstream gradient per token (a policy-gradient term on
+``logp`` and an entropy bonus on ``entropy`` in one backward pass)::
+
+    d/dz (g * logp + h * entropy) = g * (onehot - p) - h * p * (log p + entropy)
+
+and the gradient with respect to ``x`` is that divided by ``T``. As in the loss
+(:mod:`tokenloss.ops.rowwise`), the statistics are kept relative to each row's maximum, the forward
+pass keeps only ``(N,)`` numbers, and the backward pass recomputes the softmax one chunk of rows at
+a time; the fused variant never holds more than one chunk of logits and drops the rows that do not
+count before the matrix products.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from tokenloss.ops.cross_entropy import plain_chunk_rows
+from tokenloss.ops.linear_cross_entropy import _GradientSink, counted_row_index, fused_chunk_rows
+from tokenloss.ops.rowwise import accumulation_dtype, finite_shift, refuse_double_backward
+from tokenloss.options import LossOptions, check_linear_inputs, check_logits, prepare_targets
+
+
+def _check_temperature(temperature: object) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return float(temperature)
+
+
+def _chunk_statistics(z: Tensor, targets: Tensor, entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(shift, log_sum, logp, entropy)`` ``(n,)`` of tempered logits ``z`` ``(n, V)`` (accumulation dtype)."""
+    shift = finite_shift(z.amax(dim=-1))
+    x = z - shift.unsqueeze(1)  # (n, V): exact near the maximum
+    target = x.gather(1, targets.unsqueeze(1)).squeeze(1)
+    e = torch.exp(x)
+    total = e.sum(dim=-1)
+    log_sum = total.log()
+    ent = None
+    if entropy:  # H = log sum - sum(e * x) / sum, with e * x -> 0 where e underflows to 0
+        ent = log_sum - torch.where(e > 0, e * x, torch.zeros_like(e)).sum(dim=-1) / total
+    return shift, log_sum, target - log_sum, ent
+
+
+def _chunk_gradient(
+    z: Tensor, targets: Tensor, shift: Tensor, log_sum: Tensor, ent: Tensor, g_logp: Tensor, g_ent: Tensor, inv_t: float
+) -> Tensor:
+    """``d(g * logp + h * entropy) / dx`` ``(n, V)`` for tempered logits ``z = x / T`` (in place in ``z``)."""
+    logp_all = z.sub_(shift.unsqueeze(1)).sub_(log_sum.unsqueeze(1))  # (n, V) log p
+    p = torch.exp(logp_all)
+    # -p * (g + h * (log p + H)), then + g at the target
+    grad = logp_all.add_(ent.unsqueeze(1)).mul_(g_ent.unsqueeze(1)).add_(g_logp.unsqueeze(1)).mul_(p).neg_()
+    grad.scatter_add_(1, targets.unsqueeze(1), g_logp.unsqueeze(1))
+    return grad.mul_(inv_t)
+
+
+def _check_finite(logp: Tensor, log_sum: Tensor, name: str) -> None:
+    bad = ~torch.isfinite(logp) | ~torch.isfinite(log_sum)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} give a non-finite log-probability in {int(bad.sum())} counted row(s): NaN or inf logits, or "
+            "-inf at the sampled token; pass check_inputs=False to skip this check"
+        )
+
+
+class _TokenLogprobsFunction(torch.autograd.Function):
+    """``(N, V)`` logits of the counted rows -> ``(N,)`` logp and entropy; backward recomputes each chunk."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, want_entropy, chunk_rows, check):
+        acc = accumulation_dtype(logits.dtype)
+        n_rows = logits.shape[0]
+        shift, log_sum, logp = (torch.empty(n_rows, dtype=acc, device=logits.device) for _ in range(3))
+        ent = torch.zeros(n_rows, dtype=acc, device=logits.device)
+        for start in range(0, n_rows, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            z = logits[rows].to(acc) / temperature  # (n, V): one chunk
+            shift[rows], log_sum[rows], logp[rows], chunk_ent = _chunk_statistics(z, targets[rows], want_entropy)
+            if chunk_ent is not None:
+                ent[rows] = chunk_ent
+        if check:
+            _check_finite(logp, log_sum, "logits")
+        ctx.save_for_backward(logits, targets, shift, log_sum, ent)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        refuse_double_backward("token_logprobs")
+        logits, targets, shift, log_sum, ent = ctx.saved_tensors
+        acc = shift.dtype
+        g_logp, g_ent = g_logp.to(acc), g_ent.to(acc)
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            z = logits[rows].to(acc) / ctx.temperature
+            grad[rows] = _chunk_gradient(
+                z, targets[rows], shift[rows], log_sum[rows], ent[rows], g_logp[rows], g_ent[rows], 1 / ctx.temperature
+            )
+        return grad, None, None, None, None, None
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+
+
+class _LinearTokenLogprobsFunction(torch.autograd.Function):
+    """``(M, D)`` counted hidden rows, ``(V, D)`` weight, ``(V,)`` bias -> ``(M,)`` logp and entropy,
+    never more than one chunk of logits; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, chunk_rows, check):
+        acc = accumulation_dtype(hidden.dtype)
+        n_rows = hidden.shape[0]
+        shift, log_sum, logp = (torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(3))
+        ent = torch.zeros(n_rows, dtype=acc, device=hidden.device)
+        for start in range(0, n_rows, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            z = _chunk_logits(hidden[rows], weight, bias).to(acc).div_(temperature)  # (n, V): one chunk
+            shift[rows], log_sum[rows], logp[rows], chunk_ent = _chunk_statistics(z, targets[rows], want_entropy)
+            if chunk_ent is not None:
+                ent[rows] = chunk_ent
+            del z
+        if check:
+            _check_finite(logp, log_sum, "logits (hidden @ weight.T + bias)")
+        ctx.save_for_backward(hidden, weight, bias, targets, shift, log_sum, ent)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        refuse_double_backward("linear_token_logprobs")
+        hidden, weight, bias, targets, shift, log_sum, ent = ctx.saved_tensors
+        acc = shift.dtype
+        g_logp, g_ent = g_logp.to(acc), g_ent.to(acc)
+        sink = _GradientSink(hidden, weight, bias, tuple(ctx.needs_input_grad[:3]))
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            h = hidden[rows]
+            z = _chunk_logits(h, weight, bias).to(acc).div_(ctx.temperature)
+            grad = _chunk_gradient(
+                z, targets[rows], shift[rows], log_sum[rows], ent[rows], g_logp[rows], g_ent[rows], 1 / ctx.temperature
+            )
+            low = grad.to(hidden.dtype) if hidden.dtype != acc else None
+            sink.add_chunk(rows, grad, None, low, h, weight)
+            del z, grad, low
+        grads = tuple(None if g is None else g.to(dtype) for g, dtype in zip(sink.gradients(), ctx.dtypes))
+        return (*grads, None, None, None, None, None)
+
+
+def _prepare(leading_shape, tokens, vocab_size, input_name, device, *, shift, mask, ignore_index, check_inputs,
+             chunk_size):  # fmt: skip
+    options = LossOptions(
+        ignore_index=ignore_index, shift=shift, reduction="none", check_inputs=check_inputs, chunk_size=chunk_size
+    )
+    prepared = prepare_targets(
+        leading_shape, tokens, vocab_size, options, mask=mask, input_name=input_name, device=device
+    )
+    return options, prepared
+
+
+def _outputs(prepared, index, logp, ent, return_entropy: bool):
+    """Rows back in place (0 where a row does not count), shaped like the tokens after the shift."""
+    n = prepared.counted.shape[0]
+    if index is not None:
+        logp = logp.new_zeros(n).index_copy(0, index, logp)
+        ent = ent.new_zeros(n).index_copy(0, index, ent)
+    logp = prepared.reduce(logp, "none")
+    if not return_entropy:
+        return logp
+    return logp, prepared.reduce(ent, "none")
+
+
+def token_logprobs(
+    logits: Tensor,
+    tokens: Tensor,
+    *,
+    temperature: float = 1.0,
+    shift: bool | int = False,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = True,
+    chunk_size: int | None = None,
+    check_inputs: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probability of each token, and the entropy of each prediction, from ``(..., V)`` logits.
+
+    Args:
+        logits: ``(..., V)`` float32, bfloat16, float16 or float64.
+        tokens: ``(...)`` integer ids (the sampled tokens), the leading shape of ``logits``.
+        temperature: ``T > 0``; both outputs are of ``softmax(logits / T)``.
+        shift: as in :func:`tokenloss.cross_entropy`: ``logits[..., t, :]`` scores ``tokens[..., t + 1]``.
+        mask: optional bool tensor shaped like ``tokens``; only True positions count.
+        ignore_index: tokens equal to this do not count.
+        return_entropy: return ``(logp, entropy)``; False returns ``logp`` alone (and skips the
+            entropy's pass over each chunk).
+        chunk_size: rows per chunk (None: about 2**23 logits per chunk).
+        check_inputs: raise on a non-finite log-probability or a token outside ``[0, V)`` in a
+            counted position (one host sync each on CUDA).
+
+    Returns:
+        ``logp`` and ``entropy``: float32 (float64 for float64 logits), shaped like ``tokens`` after
+        the shift, 0.0 where a position does not count. Each is differentiable with its own
+        upstream gradient.
+
+    Raises:
+        TypeError, ValueError: bad shapes, dtypes or options (each names the argument); a
+            temperature that is not a finite number > 0; NaN/inf in a counted row.
+
+    Examples:
+        >>> import torch, tokenloss as tl
+        >>> logp, entropy = tl.token_logprobs(torch.zeros(1, 4), torch.tensor([2]))  # uniform over 4
+        >>> round(logp.item(), 4), round(entropy.item(), 4)  # -log 4, log 4
+        (-1.3863, 1.3863)
+    """
+    temperature = _check_temperature(temperature)
+    check_logits(logits)
+    vocab_size = logits.shape[-1]
+    options, prepared = _prepare(
+        tuple(logits.shape[:-1]), tokens, vocab_size, "logits", logits.device, shift=shift, mask=mask,
+        ignore_index=ignore_index, check_inputs=check_inputs, chunk_size=chunk_size,
+    )  # fmt: skip
+    rows = logits.reshape(-1, vocab_size)
+    index = counted_row_index(prepared.counted)
+    targets = prepared.targets
+    if index is not None:
+        rows, targets = rows.index_select(0, index), targets.index_select(0, index)
+    chunk_rows = plain_chunk_rows(vocab_size, options.chunk_size)
+    logp, ent = _TokenLogprobsFunction.apply(rows, targets, temperature, return_entropy, chunk_rows, check_inputs)
+    return _outputs(prepared, index, logp, ent, return_entropy)
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    shift: bool | int = False,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = True,
+    chunk_size: int | None = None,
+    check_inputs: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`token_logprobs` of ``hidden @ weight.T + bias`` without ever holding the ``(N, V)`` logits.
+
+    Args:
+        hidden: ``(..., D)`` float32, bfloat16, float16 or float64: the policy's last hidden states.
+        weight: ``(V, D)`` the LM head; same dtype and device.
+        tokens: ``(...)`` integer ids, the leading shape of ``hidden``.
+        bias: optional ``(V,)``.
+        temperature, shift, mask, ignore_index, return_entropy, check_inputs: as in :func:`token_logprobs`.
+        chunk_size: rows per chunk (None: as :func:`tokenloss.linear_cross_entropy`).
+
+    Returns:
+        As :func:`token_logprobs`; gradients flow to ``hidden``, ``weight`` and ``bias``. Rows that do
+        not count never reach a matrix product; the backward pass recomputes each chunk's logits.
+
+    Examples:
+        >>> import torch, tokenloss as tl
+        >>> logp = tl.linear_token_logprobs(torch.zeros(1, 3), torch.zeros(4, 3), torch.tensor([2]),
+        ...                                 return_entropy=False)
+        >>> round(logp.item(), 4)
+        -1.3863
+    """
+    temperature = _check_temperature(temperature)
+    check_linear_inputs(hidden, weight, bias)
+    vocab_size = weight.shape[0]
+    options, prepared = _prepare(
+        tuple(hidden.shape[:-1]), tokens, vocab_size, "hidden", hidden.device, shift=shift, mask=mask,
+        ignore_index=ignore_index, check_inputs=check_inputs, chunk_size=chunk_size,
+    )  # fmt: skip
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    index = counted_row_index(prepared.counted)
+    targets = prepared.targets
+    if index is not None:  # rows that do not count never reach a product
+        rows, targets = rows.index_select(0, index), targets.index_select(0, index)
+    chunk_rows = fused_chunk_rows(rows.shape[0], vocab_size, chunk_size=options.chunk_size, device=hidden.device)
+    logp, ent = _LinearTokenLogprobsFunction.apply(
+        rows.contiguous(),
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        targets,
+        temperature,
+        return_entropy,
+        chunk_rows,
+        check_inputs,
+    )
+    return _outputs(prepared, index, logp, ent, return_entropy)
