@@ -186,9 +186,10 @@ def test_grpo_objective_on_fused_logprobs_equals_full_float64_logits():
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     logp64, entropy64 = reference(h64 @ w64.T, tokens, shift=True, mask=completion)
     m64 = mask.double()
-    want = grpo_loss(logp64, old.double(), ref.double(), advantages.double(), m64) - 0.01 * (
-        entropy64 * m64
-    ).sum() / m64.sum()
+    want = (
+        grpo_loss(logp64, old.double(), ref.double(), advantages.double(), m64)
+        - 0.01 * (entropy64 * m64).sum() / m64.sum()
+    )
     want.backward()
     assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
     assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)

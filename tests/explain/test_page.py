@@ -280,7 +280,7 @@ def test_story_arithmetic_adds_up_with_a_calculator(page, preset):
 
 
 def test_counts_are_whole_numbers(page):
-    """"1 chance in 20", not "20.00"."""
+    """ "1 chance in 20", not "20.00"."""
     page.locator("#p-slider").fill("0.05")
     assert "1 chance in 20." in page.locator("#curve-story").inner_text()
 
