@@ -329,3 +329,29 @@ def test_bad_options_are_refused_at_patch_time(options, error, match) -> None:
     with pytest.raises(error, match=match):
         patch(model, **options)
     assert not is_patched(model)
+
+
+def test_a_meta_head_is_refused_at_patch_time() -> None:
+    """A head offloaded to 'meta' (accelerate's device_map) is a clear ValueError when patching, not later."""
+    model = tiny_model("llama")
+    model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight, device="meta"))
+    with pytest.raises(ValueError, match="weight on the 'meta' device"):
+        patch(model)
+
+
+def test_nan_raises_by_default_and_gives_a_nan_loss_when_asked() -> None:
+    """NaN hidden states: the patched model raises (tokenloss's promise); with check_inputs=False it returns a
+    NaN loss as transformers does, for the Trainer's own NaN handling."""
+    model = tiny_model("llama").train()
+    inputs = batch()
+    handle = model.model.norm.register_forward_hook(lambda module, args, out: out * float("nan"))
+    try:
+        patch(model)
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            model(**inputs)
+        patch(model, check_inputs=False)
+        assert torch.isnan(model(**inputs).loss)
+        unpatch(model)
+        assert torch.isnan(model(**inputs).loss)  # transformers' own behaviour
+    finally:
+        handle.remove()

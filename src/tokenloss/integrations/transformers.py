@@ -110,7 +110,13 @@ def patch(model: nn.Module, *, skip_logits: bool | None = None, **loss_options: 
         TypeError: an unsupported model (the message names the supported classes), a custom
             ``loss_function``, an LM head that is not an ``nn.Linear``, an unknown option or one
             that the patch sets itself (shift, softcap, num_items, ...).
-        ValueError: an option out of range (as :func:`tokenloss.linear_cross_entropy`).
+        ValueError: an option out of range (as :func:`tokenloss.linear_cross_entropy`); an LM
+            head whose weight is on the ``meta`` device (offloaded by accelerate).
+
+    NaN: like :func:`tokenloss.linear_cross_entropy`, the patched model raises a ``ValueError`` on
+    NaN/inf logits in a counted position, where transformers returns a NaN loss. Pass
+    ``check_inputs=False`` to get the NaN loss instead (so that a Trainer's own NaN handling, such as
+    ``logging_nan_inf_filter``, sees it).
 
     Examples:
         >>> import torch
@@ -187,6 +193,12 @@ def _supported_class(model: nn.Module) -> type:
         raise TypeError(
             f"the LM head of {name} is a {type(head).__name__}, not a plain torch.nn.Linear (a PEFT adapter or "
             "quantized layer?); patch reads its weight directly and supports only nn.Linear"
+        )
+    if head.weight.device.type == "meta":
+        raise ValueError(
+            f"the LM head of {name} has its weight on the 'meta' device (offloaded by accelerate's device_map, or not "
+            "materialised yet); patch reads the weight itself: load the head onto a real device (e.g. "
+            "device_map={'lm_head': 0} or 'cpu'), or do not patch this model"
         )
     if model.base_model is model:
         raise TypeError(f"{name} has no base model at {model.base_model_prefix!r}")
