@@ -401,7 +401,8 @@ BAD_INPUTS = [
     ("logits not a tensor", {"logits": [[0.0, 1.0]]}, TypeError, "logits"),
     ("integer logits", {"logits": torch.zeros(3, 4, dtype=torch.long)}, TypeError, "logits"),
     ("mismatched shapes", {"targets": torch.zeros(4, dtype=torch.long)}, ValueError, "targets"),
-    ("float targets", {"targets": torch.zeros(3)}, TypeError, "targets"),
+    # floating targets are probability targets (as in PyTorch): shaped like the logits or refused
+    ("float targets of another shape", {"targets": torch.zeros(3)}, ValueError, "probability targets must have"),
     ("bool targets", {"targets": torch.zeros(3, dtype=torch.bool)}, TypeError, "targets"),
     ("target too large", {"targets": torch.tensor([0, 4, 1])}, ValueError, "targets"),
     ("negative target", {"targets": torch.tensor([0, -1, 1])}, ValueError, "targets"),

@@ -41,7 +41,12 @@ def cross_entropy(
 
     Args:
         logits: ``(..., V)`` float32, bfloat16, float16 or float64.
-        targets: ``(...)`` integer class indices, the leading shape of ``logits``.
+        targets: ``(...)`` integer class indices, the leading shape of ``logits``; or, as in
+            PyTorch, a floating tensor shaped like ``logits`` holding a distribution over V per
+            position (probability targets: soft labels, a teacher's probabilities). The loss is
+            then ``-sum_j q_j log p_j`` (with label smoothing, of ``(1 - eps) q + eps / V``);
+            ``focal_gamma``, ``ignore_index`` and ``inplace_backward`` do not apply, and each counted
+            row must be non-negative and sum to 1 within 1e-3 (``check_inputs``).
         mask: optional bool tensor shaped like ``targets``; only positions where it is True
             count (an SFT completion mask). A position counts when its target is not
             ``ignore_index`` and its mask is True.
@@ -62,7 +67,7 @@ def cross_entropy(
         gradients.
 
     Raises:
-        TypeError: ``logits`` not floating, ``targets`` not integer, ``mask`` not bool.
+        TypeError: ``logits`` not floating, ``targets`` neither integer nor floating, ``mask`` not bool.
         ValueError: shapes that do not match, a target outside ``[0, V)`` that is not
             ``ignore_index``, an unknown ``reduction``, a negative ``label_smoothing``,
             ``z_loss``, ``focal_gamma`` or ``softcap``, NaN/inf logits in a counted row.
@@ -74,6 +79,10 @@ def cross_entropy(
         1.609
     """
     check_logits(logits)
+    if isinstance(targets, Tensor) and targets.dtype.is_floating_point:
+        return _probability_cross_entropy(
+            logits, targets, mask, token_weights, num_items, options, impl, inplace_backward
+        )
     if inplace_backward and torch._debug_has_internal_overlap(logits) != 0:
         raise ValueError(
             "inplace_backward=True writes the gradient into the logits' storage, so the logits must own "
@@ -168,3 +177,57 @@ def linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, prepared, options
     )
     return prepared.reduce(loss, "none") if options.reduction == "none" else loss
+
+
+def _probability_cross_entropy(
+    logits: Tensor,
+    target_probs: Tensor,
+    mask: Tensor | None,
+    token_weights: Tensor | None,
+    num_items: int | float | Tensor | None,
+    options: LossOptions,
+    impl: str,
+    inplace_backward: bool,
+) -> Tensor:
+    """:func:`cross_entropy` with probability targets (see its ``targets``), on the torch path."""
+    from tokenloss.ops.soft_cross_entropy import soft_cross_entropy_rows
+
+    if tuple(target_probs.shape) != tuple(logits.shape):
+        raise ValueError(
+            f"probability targets must have the shape of logits {tuple(logits.shape)}, got {tuple(target_probs.shape)} "
+            "(for class indices, pass an integer tensor)"
+        )
+    if target_probs.device != logits.device:
+        raise ValueError(f"targets must be on the device of logits ({logits.device}), got {target_probs.device}")
+    if options.focal_gamma > 0:
+        raise ValueError("focal_gamma needs class-index targets (p_target is not defined for a distribution)")
+    if options.ignore_index != -100:
+        raise ValueError("ignore_index does not apply to probability targets (as in PyTorch): use mask=")
+    if inplace_backward:
+        raise ValueError("inplace_backward=True is for class-index targets only")
+    if impl == "triton":
+        raise ValueError("probability targets run on the torch path only: use impl='auto' or 'torch'")
+    leading = tuple(logits.shape[:-1])
+    placeholder = torch.zeros(leading, dtype=torch.long, device=logits.device)  # every position a "target"
+    prepared = prepare_targets(
+        leading,
+        placeholder,
+        None,
+        options,
+        mask=mask,
+        token_weights=token_weights,
+        num_items=num_items,
+        device=logits.device,
+    )
+    vocab_size = logits.shape[-1]
+    probs = target_probs
+    steps = options.shift_steps
+    if steps:  # the distribution of position t + steps, as the targets move in prepare_targets
+        length = probs.shape[-2]
+        kept = max(length - steps, 0)
+        pad = torch.zeros_like(probs[..., : length - kept, :])
+        probs = torch.cat([probs[..., length - kept :, :], pad], dim=-2)
+    rows = soft_cross_entropy_rows(
+        logits.reshape(-1, vocab_size), probs.reshape(-1, vocab_size), prepared.weights, prepared.counted, options
+    )
+    return prepared.reduce(rows, options.reduction)
