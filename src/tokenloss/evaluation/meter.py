@@ -168,16 +168,17 @@ class LossMeter:
 
         Call it on every rank of the group. The sums travel on the CPU for gloo and on the
         current CUDA device for NCCL. Afterwards every rank holds the totals and :meth:`compute`
-        gives the numbers of the whole evaluation.
+        gives the numbers of the whole evaluation. Without an initialised ``torch.distributed``
+        (one process) there is nothing to sum over and the meter is left as it is, so the same
+        evaluation loop runs with and without ``torchrun``.
 
         Raises:
-            RuntimeError: ``torch.distributed`` is not initialised.
             ValueError: the ranks' meters hold different vocab sizes.
         """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("LossMeter.all_reduce needs an initialised torch.distributed process group")
+            return self  # one process: its sums are already the totals
         device = torch.device("cpu")
         if dist.get_backend(group) == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
