@@ -310,3 +310,15 @@ def test_stdin_on_a_terminal_says_it_is_reading(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"piped")))
     assert read_text(None, "utf-8") == ("piped", "stdin")
     assert capsys.readouterr().err == ""
+
+
+def test_word_count_says_which_count_when_they_differ(tmp_path, capsys):
+    """lm-eval's word count (kept for comparability) is named, with the whitespace count, when they differ."""
+    text = tmp_path / "t.txt"
+    text.write_text("hello there, how are you today\n")
+    assert main(["eval", "--text", str(text), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "7 words by lm-eval's count" in out and "6 separated by whitespace" in out
+    text.write_text("hello there, how are you today")
+    assert main(["eval", "--text", str(text), "--quiet"]) == 0
+    assert "(6 words, lm-eval count)" in capsys.readouterr().out  # the same count: nothing more said

@@ -127,6 +127,17 @@ def _clean(value):
     return value
 
 
+def _word_note(result: dict) -> str:
+    """Which word count the word perplexity divides by, and the plain count when they differ."""
+    words, plain = result["words"], result.get("words_whitespace")
+    if plain is None or plain == words:
+        return f"per word ({words} words, lm-eval count)"
+    return (
+        f"per word ({words} words by lm-eval's count, re.split(r'\\s+'), which counts leading or trailing "
+        f"whitespace as a word; {plain} separated by whitespace)"
+    )
+
+
 def format_summary(result: dict) -> str:
     """The human-readable summary: settings, the first token, and the metrics table."""
     from tokenloss.evaluation.formatting import format_number
@@ -157,7 +168,7 @@ def format_summary(result: dict) -> str:
         ("bits per token", result["bits_per_token"], "loss / ln 2"),
         ("bits per byte", result["bits_per_byte"], f"per UTF-8 byte ({result['bytes']} bytes)"),
         ("byte perplexity", result["byte_perplexity"], "per byte: 2 ** bits per byte"),
-        ("word perplexity", result["word_perplexity"], f"per word ({result['words']} words, lm-eval count)"),
+        ("word perplexity", result["word_perplexity"], _word_note(result)),
         ("accuracy", result["accuracy"], "top-1" + (f"; top-{extra_acc}" if extra_acc else "")),
         ("mean entropy", result["entropy_nats"], "nats per token, of the predictions"),
         ("ECE", result["ece"], f"{result['n_bins']} equal-width bins of the top-1 probability"),

@@ -175,6 +175,14 @@ class TextScores:
             return count_words(self.text)
         return count_words(self.text[self.offsets[1][0] :])
 
+    @property
+    def scored_words_whitespace(self) -> int:
+        """Whitespace-separated words of the same scored text (``len(text.split())``), for comparison:
+        lm-evaluation-harness's count adds one for leading or trailing whitespace."""
+        if self.bos or len(self.token_ids) < 2:
+            return len(self.text.split())
+        return len(self.text[self.offsets[1][0] :].split())
+
     def _first_token_bytes(self) -> int:
         if self.bytes_per_token:
             return self.bytes_per_token
@@ -565,6 +573,7 @@ def evaluate(
         "windows": scores.num_windows,
         "text_tokens": len(scores),
         "world_size": world_size,
+        "words_whitespace": scores.scored_words_whitespace,
     }
     if world_size > 1:
         meter.all_reduce(group)
