@@ -441,3 +441,47 @@ def test_layout_fits_the_width(request, tab_name):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"page-{tab_name}.png"), full_page=True)
     assert tab.console.errors == []
+
+
+def test_phone_keeps_the_loss_in_view_while_a_bar_is_dragged(phone):
+    """390 px: dragging a bar (which puts the big readout off screen) leaves a compact loss readout in
+    view that shows the same number."""
+    page = phone.open()
+    track = page.locator(".logit-track").nth(1)
+    track.scroll_into_view_if_needed()
+    box = track.bounding_box()
+    x = box["x"] + box["width"] / 2
+    page.mouse.move(x, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(x, box["y"] + box["height"] * 0.2, steps=5)
+    readout = page.locator("#sticky-readout").bounding_box()
+    viewport = page.viewport_size
+    assert readout is not None and 0 <= readout["y"] and readout["y"] + readout["height"] <= viewport["height"]
+    big = page.locator(".big-readout").bounding_box()
+    assert big["y"] > viewport["height"]  # the big readout is below the screen: the compact one is what shows
+    assert page.locator("#sticky-loss").inner_text() == page.locator("#loss-nats").inner_text()
+    page.mouse.up()
+    assert phone.console.errors == []
+
+
+def test_phone_code_lines_never_need_sideways_scrolling(phone):
+    """390 px: the code snippet wraps (its comments carry the lesson); no line is cut off."""
+    page = phone.open()
+    overflow = page.evaluate(
+        "(() => { const pre = document.querySelector('#code-snippet').closest('pre') "
+        "|| document.querySelector('#code-snippet'); return pre.scrollWidth - pre.clientWidth; })()"
+    )
+    assert overflow <= 0
+
+
+def test_phone_shows_target_labels_and_readable_chart_text(phone):
+    """390 px: each radio keeps its "target" label, and the -log p chart's text renders at 9 px or more."""
+    page = phone.open()
+    labels = page.locator(".target-pick span")
+    assert labels.count() >= 2 and all(labels.nth(i).is_visible() for i in range(labels.count()))
+    page.locator("#curve").scroll_into_view_if_needed()
+    heights = page.evaluate(
+        "[...document.querySelectorAll('#curve text')].filter(t => t.getBoundingClientRect().height > 0)"
+        ".map(t => t.getBoundingClientRect().height)"
+    )
+    assert heights and min(heights) >= 9, heights

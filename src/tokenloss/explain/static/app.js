@@ -274,6 +274,8 @@
     setText("ppl-2", fmtPpl(M.perplexity(s.loss)));
     setText("p-target", fmt(s.p[lab.target], 4) + " (" + fmtPct(s.p[lab.target]) + ")");
     setText("logv", "log " + lab.logits.length + " = " + fmt(s.logV, 3));
+    setText("sticky-loss", fmt(s.loss, 3));
+    setText("sticky-logv", fmt(s.logV, 3));
 
     var gaugeMax = Math.max(6, Math.ceil(s.logV * 2));
     byId("gauge-fill").style.width = (100 * clamp(s.loss / gaugeMax, 0, 1)) + "%";
@@ -372,7 +374,7 @@
     [[0.01, "4.61", 9, 4, "start"], [0.05, "3.00", 9, 4, "start"], [0.5, "0.693", 8, 24, "start"], [0.9, "0.105", -6, -12, "end"]]
       .forEach(function (m) {
         var x = cx(m[0]), y = cy(M.lossFromProb(m[0]));
-        var g = svg("g", { class: "marker" });
+        var g = svg("g", { class: "marker p" + String(m[0]).replace(".", "") });
         g.appendChild(svg("circle", { cx: x, cy: y, r: 3.5 }));
         g.appendChild(svg("text", { x: x + m[2], y: y + m[3], "text-anchor": m[4] }, "p=" + m[0] + " → " + m[1]));
         root.appendChild(g);
