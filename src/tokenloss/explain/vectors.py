@@ -96,7 +96,8 @@ def generate_vectors(seed: int = 0) -> dict:
         float32). A batch holds ``rows``, ``targets``, ``ignore_index`` and the ``mean_loss`` over
         counted rows (0.0 if none counts). A sentence holds ``probs``, per-token ``losses`` and
         ``mean_loss``. ``formats`` holds ``value``, ``digits`` and the ``text`` of
-        :func:`tokenloss.evaluation.formatting.format_number`.
+        :func:`tokenloss.evaluation.formatting.format_number`. ``knobs`` holds rows through label
+        smoothing, focal loss and temperature (:func:`_knob_case`).
     """
     generator = torch.Generator().manual_seed(seed)
     rows = []
@@ -121,7 +122,32 @@ def generate_vectors(seed: int = 0) -> dict:
         _probs_case("the exercise: p = 0.5 and 0.9", (0.5, 0.9)),
         _probs_case("reference numbers", (0.7, 0.95, 0.05, 0.99, 0.001)),
     ]
-    return {"rows": rows, "batches": batches, "sentences": sentences, "formats": format_vectors()}
+    knobs = [_knob_case(row["logits"], row["target"]) for row in rows[::3]]
+    return {"rows": rows, "batches": batches, "sentences": sentences, "formats": format_vectors(), "knobs": knobs}
+
+
+KNOB_VALUES = {"label_smoothing": (0.0, 0.1, 0.5), "focal_gamma": (0.5, 2.0), "temperature": (0.5, 2.0)}
+
+
+def _knob_case(logits: list[float], target: int) -> dict:
+    """One row through tokenloss with each knob of part 6: label smoothing (and its floor, the
+    smoothed target's entropy), focal loss, and temperature (loss and entropy of softmax(z / T))."""
+    row = torch.tensor([logits])
+    t = torch.tensor([target])
+    vocab = len(logits)
+    case: dict = {"logits": logits, "target": target, "smoothing": [], "focal": [], "temperature": []}
+    for eps in KNOB_VALUES["label_smoothing"]:
+        q = torch.full((vocab,), eps / vocab, dtype=torch.float64)
+        q[target] += 1 - eps
+        floor = float(-(q * q.log()).sum()) if eps > 0 else 0.0
+        loss = float(tokenloss.cross_entropy(row, t, label_smoothing=eps))
+        case["smoothing"].append({"eps": eps, "loss": loss, "floor": floor})
+    for gamma in KNOB_VALUES["focal_gamma"]:
+        case["focal"].append({"gamma": gamma, "loss": float(tokenloss.cross_entropy(row, t, focal_gamma=gamma))})
+    for temperature in KNOB_VALUES["temperature"]:
+        logp, entropy = tokenloss.token_logprobs(row, t, temperature=temperature)
+        case["temperature"].append({"t": temperature, "loss": -float(logp), "entropy": float(entropy)})
+    return case
 
 
 def main() -> None:

@@ -299,6 +299,7 @@
 
     updateTrapSoftmax(s);
     updateCode(s);
+    updateKnobs();
   }
 
   function applyPreset(name) {
@@ -476,7 +477,7 @@
     });
     var mean = M.meanLossFromProbs(worked.probs);
     setText("worked-sum", "(" + losses.map(function (l) { return fmt(l, 2); }).join(" + ") + ") / " + losses.length);
-    setText("worked-mean", fmt(mean, 2));
+    setText("worked-mean", fmt(mean, 4));  // the digits exp() is taken of: e^1.8091 = 6.10, where e^1.81 = 6.11
     setText("worked-ppl", fmtPpl(M.perplexity(mean)));
     if (lab.cols.length) updateCode(labState());
   }
@@ -815,6 +816,125 @@
     });
   }
 
+  // ---------------------------------------------------------------- part 6: knobs and curves
+
+  function sliderValue(id) { return parseFloat(byId(id).value); }
+
+  function fmtDist(values) {
+    return "[" + values.map(function (v) { return fmt(v, 3); }).join(", ") + "]";
+  }
+
+  function updateKnobs() {
+    if (!byId("knob-smoothing")) return;
+    var eps = sliderValue("eps"), gamma = sliderValue("gamma"), t = sliderValue("temp");
+    var V = lab.logits.length, plain = M.crossEntropy(lab.logits, lab.target);
+    setText("eps-value", fmt(eps, 2));
+    setText("eps-code", String(eps));
+    setText("eps-target", fmtDist(M.smoothedTarget(V, lab.target, eps)));
+    setText("eps-loss", fmt(M.smoothedLoss(lab.logits, lab.target, eps), 3));
+    setText("eps-plain", fmt(plain, 3));
+    setText("eps-floor", fmt(M.smoothingFloor(V, eps), 3));
+
+    setText("gamma-value", fmt(gamma, 1));
+    setText("gamma-code", fmt(gamma, 1));
+    setText("gamma-p", fmtProb(Math.exp(-plain)));
+    setText("gamma-loss", fmt(M.focalLoss(lab.logits, lab.target, gamma), 3));
+    setText("gamma-plain", fmt(plain, 3));
+    setText("gamma-easy", fmtPct(Math.pow(0.1, gamma)));
+    setText("gamma-hard", fmtPct(Math.pow(0.9, gamma)));
+
+    var stats = M.temperatureStats(lab.logits, lab.target, t);
+    setText("temp-value", fmt(t, 2));
+    setText("temp-code", fmt(t, 2));
+    setText("temp-p", fmtDist(stats.p));
+    setText("temp-loss", fmt(stats.loss, 3));
+    setText("temp-entropy", fmt(stats.entropy, 3));
+    setText("temp-logv", fmt(Math.log(V), 3));
+  }
+
+  // Two made-up runs, the same on every visit: a run that overfits, and a noisy one with a spike.
+  var OVERFIT = (function () {
+    var train = [], val = [];
+    for (var i = 0; i <= 60; i++) {
+      train.push(1.2 + 3.2 * Math.exp(-i / 9));
+      val.push(1.55 + 3.0 * Math.exp(-i / 8) + 0.0009 * i * i);
+    }
+    return { train: train, val: val };
+  })();
+  var NOISY = (function () {
+    var values = [], seed = 7;
+    for (var i = 0; i < 120; i++) {
+      seed = (seed * 16807) % 2147483647;  // a fixed pseudo-random zig-zag
+      var noise = (seed / 2147483647 - 0.5) * 0.5;
+      values.push(2.2 + 2.5 * Math.exp(-i / 25) + noise);
+    }
+    values[85] += 2.2;  // the spike
+    return { values: values, spike: 85 };
+  })();
+
+  function chartPath(values, lo, hi) {
+    return values.map(function (v, i) {
+      var x = 10 + 300 * i / (values.length - 1), y = 140 - 125 * (v - lo) / (hi - lo);
+      return (i ? "L" : "M") + x.toFixed(1) + " " + y.toFixed(1);
+    }).join(" ");
+  }
+
+  function argmin(values) {
+    var best = 0;
+    values.forEach(function (v, i) { if (v < values[best]) best = i; });
+    return best;
+  }
+
+  function drawOverfit() {
+    var chart = byId("overfit-chart"), stop = sliderValue("stop"), lo = 1, hi = 5;
+    var best = argmin(OVERFIT.val);
+    chart.textContent = "";
+    chart.appendChild(svg("path", { class: "train", d: chartPath(OVERFIT.train, lo, hi) }));
+    chart.appendChild(svg("path", { class: "val", d: chartPath(OVERFIT.val, lo, hi) }));
+    var bx = 10 + 300 * best / 60, by = 140 - 125 * (OVERFIT.val[best] - lo) / (hi - lo);
+    chart.appendChild(svg("circle", { class: "best", cx: bx, cy: by, r: 4 }));
+    var sx = 10 + 300 * stop / 60;
+    chart.appendChild(svg("line", { class: "stop", x1: sx, x2: sx, y1: 10, y2: 140 }));
+    chart.appendChild(svg("text", { x: 100, y: 22 }, "— train - - validation"));
+    setText("stop-value", String(stop));
+    var story = "Step " + stop + ": training loss " + fmt(OVERFIT.train[stop], 3) + ", validation " +
+      fmt(OVERFIT.val[stop], 3) + ". Validation is lowest at step " + best + " (" + fmt(OVERFIT.val[best], 3) + "). ";
+    if (stop < best) story += "Still learning: both fall. Keep training.";
+    else if (stop === best) story += "Stop here: the best weights.";
+    else story += "Overfitting: training still falls but validation has risen by " +
+      fmt(OVERFIT.val[stop] - OVERFIT.val[best], 3) + " since step " + best + ". Go back to step " + best + ".";
+    setText("stop-story", story);
+  }
+
+  function drawNoise() {
+    var chart = byId("noise-chart"), beta = sliderValue("beta"), lo = 1.5, hi = 5.5;
+    var trend = M.ema(NOISY.values, beta);
+    chart.textContent = "";
+    chart.appendChild(svg("path", { class: "raw", d: chartPath(NOISY.values, lo, hi) }));
+    chart.appendChild(svg("path", { class: "trend", d: chartPath(trend, lo, hi) }));
+    var i = NOISY.spike, sx = 10 + 300 * i / (NOISY.values.length - 1);
+    var sy = 140 - 125 * (NOISY.values[i] - lo) / (hi - lo);
+    chart.appendChild(svg("circle", { class: "spike", cx: sx, cy: sy, r: 6 }));
+    setText("beta-value", fmt(beta, 2));
+    setText("beta-code", fmt(beta, 2));
+    var before = NOISY.values.slice(i - 10, i).slice().sort(function (a, b) { return a - b; });
+    var level = (before[4] + before[5]) / 2;
+    setText("noise-story", "Up to step " + i + " the loss zig-zags by about ±0.25: normal. At step " + i + " it jumps to " +
+      fmt(NOISY.values[i], 2) + ", " + fmt(100 * (NOISY.values[i] / level - 1), 0) + "% above the recent level of " +
+      fmt(level, 2) + ": a spike, worth a look (tokenloss curve flags it). The moving average with β = " +
+      fmt(beta, 2) + " ends at " + fmt(trend[trend.length - 1], 3) + ".");
+  }
+
+  function initKnobs() {
+    if (!byId("knob-smoothing")) return;
+    ["eps", "gamma", "temp"].forEach(function (id) { byId(id).addEventListener("input", updateKnobs); });
+    byId("stop").addEventListener("input", drawOverfit);
+    byId("beta").addEventListener("input", drawNoise);
+    updateKnobs();
+    drawOverfit();
+    drawNoise();
+  }
+
   // ---------------------------------------------------------------- start
 
   function init() {
@@ -825,6 +945,7 @@
     initTraps();
     initChecks();
     initCode();
+    initKnobs();
     document.documentElement.setAttribute("data-ready", "true");
   }
 

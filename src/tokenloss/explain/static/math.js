@@ -85,6 +85,57 @@
   /** Perplexity from a loss in nats: exp(loss) (= 2 ** loss in bits). */
   function perplexity(lossNats) { return Math.exp(lossNats); }
 
+  /** Label smoothing's target: (1 - eps) on the target word plus eps / V on every word. */
+  function smoothedTarget(vocabSize, target, eps) {
+    var q = [];
+    for (var j = 0; j < vocabSize; j++) q.push(eps / vocabSize + (j === target ? 1 - eps : 0));
+    return q;
+  }
+
+  /** Cross-entropy against the smoothed target: (1 - eps) * (-log p_t) + eps * mean_j(-log p_j) (PyTorch's). */
+  function smoothedLoss(logits, target, eps) {
+    checkTarget(logits, target);
+    var logP = logSoftmax(logits), mean = 0;
+    for (var j = 0; j < logP.length; j++) mean -= logP[j] / logP.length;
+    return (1 - eps) * -logP[target] + eps * mean;
+  }
+
+  /** The lowest loss label smoothing allows: the entropy of the smoothed target (reached at p = q). */
+  function smoothingFloor(vocabSize, eps) {
+    var q = smoothedTarget(vocabSize, 0, eps), h = 0;
+    for (var j = 0; j < q.length; j++) if (q[j] > 0) h -= q[j] * Math.log(q[j]);
+    return h;
+  }
+
+  /** Focal loss: (1 - p_t) ** gamma * (-log p_t); easy tokens (p_t near 1) count little. */
+  function focalLoss(logits, target, gamma) {
+    var nll = crossEntropy(logits, target);
+    var oneMinusP = -Math.expm1(-nll);
+    return (gamma === 0 ? 1 : Math.pow(oneMinusP, gamma)) * nll;
+  }
+
+  /** softmax(z / T), the loss -log p_t and the entropy -sum p log p of the tempered distribution. */
+  function temperatureStats(logits, target, temperature) {
+    if (!(temperature > 0)) throw new RangeError("temperature must be > 0, got " + temperature);
+    var z = logits.map(function (x) { return x / temperature; });
+    var logP = logSoftmax(z), entropy = 0;
+    for (var j = 0; j < logP.length; j++) if (logP[j] > -Infinity) entropy -= Math.exp(logP[j]) * logP[j];
+    return { p: logP.map(Math.exp), loss: -logP[target], entropy: entropy };
+  }
+
+  /** Exponential moving average with bias correction, as tokenloss curve draws it (NaN points skipped). */
+  function ema(values, smoothing) {
+    var out = [], level = 0, weight = 0;
+    for (var i = 0; i < values.length; i++) {
+      if (values[i] === values[i]) {
+        level = smoothing * level + (1 - smoothing) * values[i];
+        weight = smoothing * weight + (1 - smoothing);
+      }
+      out.push(values[i] === values[i] && weight > 0 ? level / weight : NaN);  // NaN where the point is
+    }
+    return out;
+  }
+
   /**
    * A number with d decimals, spelled as tokenloss.evaluation.formatting.format_number spells it in the
    * terminal and the HTML report: fixed point below 1e6 ("14.02"), scientific from there ("5.90e+06"),
@@ -118,6 +169,12 @@
     bitsToNats: bitsToNats,
     perplexity: perplexity,
     formatNumber: formatNumber,
+    smoothedTarget: smoothedTarget,
+    smoothedLoss: smoothedLoss,
+    smoothingFloor: smoothingFloor,
+    focalLoss: focalLoss,
+    temperatureStats: temperatureStats,
+    ema: ema,
   };
   root.tokenlossMath = Object.freeze(api);
 })(typeof window !== "undefined" ? window : globalThis);
