@@ -111,7 +111,9 @@ def test_fused_rows_that_do_not_count_never_reach_a_product(monkeypatch):
 
     seen = []
     original = logprobs._chunk_logits
-    monkeypatch.setattr(logprobs, "_chunk_logits", lambda h, w, b: seen.append(h.shape[0]) or original(h, w, b))
+    monkeypatch.setattr(
+        logprobs, "_chunk_logits", lambda h, w, b, buffer: seen.append(h.shape[0]) or original(h, w, b, buffer)
+    )
     tokens = torch.randint(0, 11, (100,))
     mask = torch.arange(100) >= 70  # a prompt of 70 tokens
     hidden = torch.randn(100, 4, requires_grad=True)

@@ -26,7 +26,13 @@ import torch
 from torch import Tensor
 
 from tokenloss.ops.cross_entropy import plain_chunk_rows
-from tokenloss.ops.linear_cross_entropy import _GradientSink, counted_row_index, fused_chunk_rows
+from tokenloss.ops.linear_cross_entropy import (
+    _chunk_logits,
+    _GradientSink,
+    _logits_buffer,
+    counted_row_index,
+    fused_chunk_rows,
+)
 from tokenloss.ops.rowwise import accumulation_dtype, finite_shift, refuse_double_backward
 from tokenloss.options import LossOptions, check_linear_inputs, check_logits, prepare_targets
 
@@ -40,29 +46,47 @@ def _check_temperature(temperature: object) -> float:
 
 
 def _chunk_statistics(z: Tensor, targets: Tensor, entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """``(shift, log_sum, logp, entropy)`` ``(n,)`` of tempered logits ``z`` ``(n, V)`` (accumulation dtype)."""
+    """``(shift, log_sum, logp, entropy)`` ``(n,)`` of tempered logits ``z`` ``(n, V)`` in the
+    accumulation dtype. ``z`` is overwritten (it is the caller's own chunk)."""
     shift = finite_shift(z.amax(dim=-1))
-    x = z - shift.unsqueeze(1)  # (n, V): exact near the maximum
+    x = z.sub_(shift.unsqueeze(1))  # (n, V) z - m: exact near the maximum
     target = x.gather(1, targets.unsqueeze(1)).squeeze(1)
-    e = torch.exp(x)
+    e = torch.exp(x)  # (n, V)
     total = e.sum(dim=-1)
     log_sum = total.log()
     ent = None
-    if entropy:  # H = log sum - sum(e * x) / sum, with e * x -> 0 where e underflows to 0
-        ent = log_sum - torch.where(e > 0, e * x, torch.zeros_like(e)).sum(dim=-1) / total
+    if entropy:  # H = log S - sum(e * x) / S; e * x is 0 * -inf = NaN where a logit is -inf: take 0
+        ent = log_sum - x.mul_(e).nan_to_num_(nan=0.0).sum(dim=-1) / total
     return shift, log_sum, target - log_sum, ent
 
 
 def _chunk_gradient(
     z: Tensor, targets: Tensor, shift: Tensor, log_sum: Tensor, ent: Tensor, g_logp: Tensor, g_ent: Tensor, inv_t: float
 ) -> Tensor:
-    """``d(g * logp + h * entropy) / dx`` ``(n, V)`` for tempered logits ``z = x / T`` (in place in ``z``)."""
-    logp_all = z.sub_(shift.unsqueeze(1)).sub_(log_sum.unsqueeze(1))  # (n, V) log p
-    p = torch.exp(logp_all)
-    # -p * (g + h * (log p + H)), then + g at the target
-    grad = logp_all.add_(ent.unsqueeze(1)).mul_(g_ent.unsqueeze(1)).add_(g_logp.unsqueeze(1)).mul_(p).neg_()
+    """``d(g * logp + h * entropy) / dx`` ``(n, V)`` for tempered logits ``z = x / T``, in place in ``z``.
+
+    With ``x = z - m``, ``p = e^x / S`` and ``log p = x - log S``::
+
+        grad = -p * (g + h * (log p + H)) + g * onehot
+             = e^x * (x * (-h / S) - (g + h * (H - log S)) / S) + g * onehot
+
+    so the per-row factors fold into two scalars and the chunk takes five passes.
+    """
+    inv_s = torch.exp(-log_sum)  # 1 / S
+    slope = (-g_ent * inv_s).unsqueeze(1)
+    offset = ((g_logp + g_ent * (ent - log_sum)) * inv_s).unsqueeze(1)
+    x = z.sub_(shift.unsqueeze(1))
+    e = torch.exp(x)
+    grad = x.mul_(slope).sub_(offset).mul_(e)
     grad.scatter_add_(1, targets.unsqueeze(1), g_logp.unsqueeze(1))
-    return grad.mul_(inv_t)
+    return grad if inv_t == 1 else grad.mul_(inv_t)
+
+
+def _tempered(logits: Tensor, acc: torch.dtype, temperature: float, *, copy: bool = False) -> Tensor:
+    """``logits / T`` in the accumulation dtype; a fresh tensor when ``copy`` (the caller's logits must
+    not be overwritten), else possibly ``logits`` itself (a chunk product the caller owns)."""
+    z = logits.to(acc, copy=copy)
+    return z if temperature == 1 else z.div_(temperature)
 
 
 def _check_finite(logp: Tensor, log_sum: Tensor, name: str) -> None:
@@ -85,7 +109,7 @@ class _TokenLogprobsFunction(torch.autograd.Function):
         ent = torch.zeros(n_rows, dtype=acc, device=logits.device)
         for start in range(0, n_rows, chunk_rows):
             rows = slice(start, start + chunk_rows)
-            z = logits[rows].to(acc) / temperature  # (n, V): one chunk
+            z = _tempered(logits[rows], acc, temperature, copy=True)  # (n, V): one chunk, our own
             shift[rows], log_sum[rows], logp[rows], chunk_ent = _chunk_statistics(z, targets[rows], want_entropy)
             if chunk_ent is not None:
                 ent[rows] = chunk_ent
@@ -104,15 +128,11 @@ class _TokenLogprobsFunction(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            z = logits[rows].to(acc) / ctx.temperature
+            z = _tempered(logits[rows], acc, ctx.temperature, copy=True)
             grad[rows] = _chunk_gradient(
                 z, targets[rows], shift[rows], log_sum[rows], ent[rows], g_logp[rows], g_ent[rows], 1 / ctx.temperature
             )
         return grad, None, None, None, None, None
-
-
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
 
 
 class _LinearTokenLogprobsFunction(torch.autograd.Function):
@@ -125,9 +145,10 @@ class _LinearTokenLogprobsFunction(torch.autograd.Function):
         n_rows = hidden.shape[0]
         shift, log_sum, logp = (torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(3))
         ent = torch.zeros(n_rows, dtype=acc, device=hidden.device)
+        buffer = _logits_buffer(hidden, weight, chunk_rows)  # the fused loss's (n, V) buffer, or None for oneDNN
         for start in range(0, n_rows, chunk_rows):
             rows = slice(start, start + chunk_rows)
-            z = _chunk_logits(hidden[rows], weight, bias).to(acc).div_(temperature)  # (n, V): one chunk
+            z = _tempered(_chunk_logits(hidden[rows], weight, bias, buffer), acc, temperature)  # (n, V): one chunk
             shift[rows], log_sum[rows], logp[rows], chunk_ent = _chunk_statistics(z, targets[rows], want_entropy)
             if chunk_ent is not None:
                 ent[rows] = chunk_ent
@@ -146,10 +167,11 @@ class _LinearTokenLogprobsFunction(torch.autograd.Function):
         acc = shift.dtype
         g_logp, g_ent = g_logp.to(acc), g_ent.to(acc)
         sink = _GradientSink(hidden, weight, bias, tuple(ctx.needs_input_grad[:3]))
+        buffer = _logits_buffer(hidden, weight, ctx.chunk_rows)
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             h = hidden[rows]
-            z = _chunk_logits(h, weight, bias).to(acc).div_(ctx.temperature)
+            z = _tempered(_chunk_logits(h, weight, bias, buffer), acc, ctx.temperature)
             grad = _chunk_gradient(
                 z, targets[rows], shift[rows], log_sum[rows], ent[rows], g_logp[rows], g_ent[rows], 1 / ctx.temperature
             )

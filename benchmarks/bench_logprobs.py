@@ -1,0 +1,166 @@
+"""Benchmark: per-token log-probs + entropy with gradients (RL fine-tuning), fused vs from full logits.
+
+Inputs: ``hidden`` ``(N, D)`` and ``weight`` ``(V, D)`` float32 requiring grad, sampled tokens, and
+independent upstream gradients for ``logp`` and ``entropy`` (a policy-gradient term and an entropy
+bonus). Methods:
+
+- ``naive``: full logits, ``log_softmax``, ``gather`` and ``-(p * log p).sum(-1)`` (the way TRL's
+  ``selective_log_softmax`` and most RL trainers compute them), then autograd;
+- ``compiled``: the same function under ``torch.compile`` (compiled in the warm-up round);
+- ``floor``: the three matrix products any exact method needs (logits, grad_hidden, grad_weight);
+- ``tokenloss``: :func:`tokenloss.linear_token_logprobs` (its backward recomputes each chunk's
+  logits, a fourth product, because the upstream gradients are known only then).
+
+Time: one process per shape runs the methods in interleaved rounds (order rotated each round);
+``x floor`` is the median over rounds of a method's time over the floor's in the same round.
+Memory: each (shape, method) runs one step in a fresh process; the peak RSS growth of the step,
+minus the gradients every method returns (grad_hidden and grad_weight).
+
+Run::
+
+    .venv/bin/python benchmarks/bench_logprobs.py --quick                 # 1024x256x8000, a minute
+    .venv/bin/python benchmarks/bench_logprobs.py                         # (4096, 512, 32000), (2048, 1024, 128256)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+from _memory import peak_rss_bytes, reset_peak  # beside this script
+
+DEFAULT_SHAPES = ("4096x512x32000", "2048x1024x128256")
+QUICK_SHAPES = ("1024x256x8000",)
+METHODS = ("naive", "compiled", "floor", "tokenloss")
+
+
+def _naive(hidden, weight, tokens):
+    import torch
+
+    logits = hidden @ weight.T  # (N, V)
+    log_p = torch.log_softmax(logits, dim=-1)
+    logp = log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return logp, entropy
+
+
+def _step(method: str):
+    """``step(hidden, weight, tokens, g, h)``: one forward and backward of ``g * logp + h * entropy``."""
+    import torch
+
+    if method == "floor":
+
+        def step(hidden, weight, tokens, g, h):
+            with torch.no_grad():
+                logits = hidden @ weight.T
+                hidden.grad = logits @ weight
+                weight.grad = logits.T @ hidden
+
+        return step
+    if method == "tokenloss":
+        import tokenloss as tl
+
+        def fn(hidden, weight, tokens):
+            return tl.linear_token_logprobs(hidden, weight, tokens)
+
+    elif method == "compiled":
+        fn = torch.compile(_naive)
+    else:
+        fn = _naive
+
+    def step(hidden, weight, tokens, g, h):
+        logp, entropy = fn(hidden, weight, tokens)
+        ((logp * g).sum() + (entropy * h).sum()).backward()
+
+    return step
+
+
+def _inputs(n: int, d: int, v: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, d, generator=gen).requires_grad_()
+    weight = (torch.randn(v, d, generator=gen) * d**-0.5).requires_grad_()
+    tokens = torch.randint(0, v, (n,), generator=gen)
+    g, h = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 0.01
+    return hidden, weight, tokens, g, h
+
+
+def time_worker(shape: str, repeats: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    n, d, v = (int(x) for x in shape.split("x"))
+    inputs = _inputs(n, d, v)
+    steps = {m: _step(m) for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for round_index in range(repeats + 1):  # round 0 warms up (and compiles)
+        order = METHODS[round_index % len(METHODS) :] + METHODS[: round_index % len(METHODS)]
+        for method in order:
+            inputs[0].grad = inputs[1].grad = None
+            start = time.perf_counter()
+            steps[method](*inputs)
+            if round_index:
+                times[method].append(time.perf_counter() - start)
+    return times
+
+
+def memory_worker(shape: str, method: str, threads: int) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    n, d, v = (int(x) for x in shape.split("x"))
+    inputs = _inputs(n, d, v)
+    step = _step(method)
+    if method == "compiled":
+        step(*inputs)  # compile outside the measured step
+        inputs[0].grad = inputs[1].grad = None
+    before = reset_peak()
+    step(*inputs)
+    grads = sum(t.grad.numel() * 4 for t in inputs[:2] if t.grad is not None)
+    return (peak_rss_bytes() - before - grads) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=None, help="NxDxV")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_SHAPES[0]}, 3 rounds")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, shape, *rest = args.worker
+        if kind == "time":
+            print(json.dumps(time_worker(shape, int(rest[0]), args.threads)))
+        else:
+            print(json.dumps(memory_worker(shape, rest[0], args.threads)))
+        return
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    repeats = 3 if args.quick else args.repeats
+
+    def run(*worker: str) -> object:
+        command = [sys.executable, __file__, "--threads", str(args.threads), "--worker", *worker]
+        return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+    print(f"float32 CPU, {args.threads} threads, {repeats} interleaved rounds; memory: peak growth minus gradients")
+    print("| (N, D, V) | method | median s | x floor (min-max) | peak extra memory | x naive |")
+    print("|---|---|---:|---:|---:|---:|")
+    for shape in shapes:
+        times = run("time", shape, str(repeats))
+        memory = {m: run("memory", shape, m) for m in METHODS}
+        for method in METHODS:
+            ratios = [t / f for t, f in zip(times[method], times["floor"])]
+            print(
+                f"| ({shape.replace('x', ', ')}) | {method} | {statistics.median(times[method]):.2f} | "
+                f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | "
+                f"{memory[method]:,.0f} MiB | {memory[method] / max(memory['naive'], 1e-9):.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
