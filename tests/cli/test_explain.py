@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 
 import pytest
@@ -112,9 +114,8 @@ def test_port_out_of_range_is_refused(capsys):
     assert "Invalid value for '--port'" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
-def test_end_to_end_serves_until_ctrl_c():
-    """`python -m tokenloss explain` prints its address, serves the page there, and stops cleanly on Ctrl+C."""
+def start_explain() -> tuple[subprocess.Popen, str]:
+    """`python -m tokenloss explain --port 0 --no-browser` in a child process, and the address it printed."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "tokenloss", "explain", "--port", "0", "--no-browser"],
@@ -123,9 +124,19 @@ def test_end_to_end_serves_until_ctrl_c():
         text=True,
         env=env,
     )
+    line = process.stdout.readline()
+    match = re.search(r"open (http://127\.0\.0\.1:\d+/) in your browser", line)
+    if match is None:
+        process.kill()
+        raise AssertionError(f"no address in {line!r}: {process.stderr.read()}")
+    return process, match.group(1)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+def test_end_to_end_serves_until_ctrl_c():
+    """`python -m tokenloss explain` prints its address, serves the page there, and stops cleanly on Ctrl+C."""
+    process, url = start_explain()
     try:
-        line = process.stdout.readline()
-        url = re.search(r"open (http://127\.0\.0\.1:\d+/) in your browser", line).group(1)
         with urllib.request.urlopen(url, timeout=30) as response:
             assert response.status == 200 and b"tokenloss explain" in response.read()
         with urllib.request.urlopen(url + "api/info", timeout=30) as response:
@@ -142,4 +153,35 @@ def test_end_to_end_serves_until_ctrl_c():
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, err
+    assert "Stopped." in out
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+def test_ctrl_c_while_scoring_exits_cleanly():
+    """SIGINT while a long text is scored: the request finishes or is answered, the process exits 0,
+    and nothing aborts ("terminate called without an active exception")."""
+    process, url = start_explain()
+    try:
+        replies = []
+
+        def score():
+            data = json.dumps({"text": "The loss is the average surprise. " * 29}).encode()
+            request = urllib.request.Request(url + "api/score", data=data, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    replies.append(response.status)
+            except OSError as error:
+                replies.append(error)
+
+        thread = threading.Thread(target=score)
+        thread.start()
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+        thread.join(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert "terminate called" not in err and "Traceback" not in err
     assert "Stopped." in out
