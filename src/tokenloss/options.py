@@ -92,9 +92,8 @@ class LossOptions:
             raise ValueError(f"ignore_index must fit in int64 (targets are int64), got {self.ignore_index}")
         if not isinstance(self.shift, int) or (not isinstance(self.shift, bool) and self.shift < 0):
             raise TypeError(f"shift must be a bool or an int >= 0 (steps ahead), got {self.shift!r}")
-        for name in ("check_inputs",):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.check_inputs, bool):
+            raise TypeError(f"check_inputs must be a bool, got {self.check_inputs!r}")
         if self.chunk_size is not None and (
             isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
         ):

@@ -194,13 +194,21 @@ def _line_of(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
 
 
-def _read_trainer_state(path: Path, text: str, label: str) -> Run:
+def _parse_json(text: str, path: Path, lineno: int | None = None):
+    """``json.loads(text)``, or a LogFormatError naming the file and line (``lineno`` for one line of a
+    JSON Lines log; the decoder's own line for a whole document)."""
     try:
-        state = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as error:
-        raise LogFormatError(f"{path}:{error.lineno}: invalid JSON: {error.msg} (column {error.colno})") from None
+        line = lineno if lineno is not None else error.lineno
+        raise LogFormatError(f"{path}:{line}: invalid JSON: {error.msg} (column {error.colno})") from None
     except RecursionError:
-        raise LogFormatError(f"{path}: JSON nested too deeply to read") from None
+        where = f"{path}:{lineno}" if lineno is not None else f"{path}"
+        raise LogFormatError(f"{where}: JSON nested too deeply to read") from None
+
+
+def _read_trainer_state(path: Path, text: str, label: str) -> Run:
+    state = _parse_json(text, path)
     if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
         raise LogFormatError(
             f"{path}:1: no 'log_history' list: not a Hugging Face trainer_state.json "
@@ -259,12 +267,7 @@ def _jsonl_rows(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, dict]]:
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise LogFormatError(f"{path}:{lineno}: invalid JSON: {error.msg} (column {error.colno})") from None
-        except RecursionError:
-            raise LogFormatError(f"{path}:{lineno}: JSON nested too deeply to read") from None
+        record = _parse_json(line, path, lineno)
         if not isinstance(record, dict):
             raise LogFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
         yield lineno, record
