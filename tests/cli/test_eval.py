@@ -57,7 +57,7 @@ def test_json_has_the_numbers_of_evaluate(model_dir, text_file, capsys):
     result = json.loads(out)
     assert JSON_KEYS <= set(result)
     expected = evaluate(load_model(model_dir), ZEN, stride=8).result
-    for key in ("tokens", "bytes", "words", "windows", "max_length", "stride"):
+    for key in ("tokens", "bytes", "words", "num_windows", "max_length", "stride"):
         assert result[key] == expected[key], key
     for key in JSON_KEYS - {"tokens"}:
         assert result[key] == pytest.approx(expected[key], rel=1e-6), key
@@ -76,9 +76,9 @@ def test_table_labels_every_normalisation(model_dir, text_file, capsys):
 
 
 def test_progress_bar_goes_to_stderr(model_dir, text_file, capsys):
-    """Without -q a tqdm bar counts the windows on stderr; stdout keeps only the table."""
+    """Without -q a tqdm bar counts the scored tokens on stderr; stdout keeps only the table."""
     code, out, err = run(capsys, "--model", str(model_dir), "--text", str(text_file))
-    assert code == 0 and "window" in err and "window" not in out.split("\n")[0]
+    assert code == 0 and "tok/s" in err and "tok/s" not in out
 
 
 @pytest.mark.parametrize("args", [["--text", "-"], []])
@@ -123,24 +123,26 @@ def test_options_reach_the_library(monkeypatch, text_file, capsys):
         seen["load"] = (path, device, dtype)
         return real_load(None) if path is None else real_load(path)
 
-    def fake_evaluate(model, text, **kwargs):
+    def fake_evaluate(model, chunks, **kwargs):
         seen["evaluate"] = kwargs
         raise ValueError("stop here")
 
     real_load = tokenloss.models.load_model
     monkeypatch.setattr(tokenloss.models, "load_model", fake_load)
-    monkeypatch.setattr(tokenloss.evaluation.scoring, "evaluate", fake_evaluate)
+    monkeypatch.setattr(tokenloss.evaluation.scoring, "evaluate_stream", fake_evaluate)
     args = ["--text", str(text_file), "-L", "64", "-S", "16", "-b", "3", "--dtype", "bf16", "--no-bos", "-q"]
+    args += ["--windows", "hf-guide"]
     code, _, err = run(capsys, *args)
     assert code == 2 and err == "Error: stop here\n"
     assert seen["load"] == (None, "cpu", "bf16")
     assert seen["evaluate"] == {
+        "windows": "hf-guide",
         "max_length": 64,
         "stride": 16,
         "bos": False,
         "batch_size": 3,
         "progress": False,
-        "gather": False,
+        "size_hint": len(ZEN.encode()),
     }
 
 
@@ -263,7 +265,7 @@ def test_torchrun_two_processes_equal_one(model_dir, text_file, tmp_path, capsys
     assert len(lines) == 1  # rank 0 prints, rank 1 is quiet
     single, sharded = json.loads(out), json.loads(lines[0])
     assert sharded["world_size"] == 2 and single["world_size"] == 1
-    for key in ("tokens", "bytes", "words", "windows", "first_token"):
+    for key in ("tokens", "bytes", "words", "num_windows", "first_token"):
         assert sharded[key] == single[key], key
     for key in JSON_KEYS - {"tokens"}:
         assert sharded[key] == pytest.approx(single[key], rel=1e-6), key

@@ -242,7 +242,7 @@ def test_evaluate_matches_direct_float64():
     assert result["bits_per_byte"] == pytest.approx(result["bits_per_token"], rel=1e-12)
     assert result["words"] == len(text[1:].split())
     assert result["bos"] is False and result["first_token"]["text"] == "t"
-    assert result["windows"] == 1 and result["world_size"] == 1
+    assert result["num_windows"] == 1 and result["world_size"] == 1
     assert result["log_vocab"] == pytest.approx(math.log(256))
 
 
@@ -290,7 +290,7 @@ def test_evaluate_sharded_over_two_gloo_processes_equals_single_process(tmp_path
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for got in ranks:
         result = got["result"]
-        assert result["world_size"] == 2 and result["windows"] == single.result["windows"]
+        assert result["world_size"] == 2 and result["num_windows"] == single.result["num_windows"]
         for key in ("tokens", "bytes", "words", "first_token"):
             assert result[key] == single.result[key], key
         for key in ("loss_sum_nats", "perplexity", "bits_per_byte", "word_perplexity", "accuracy", "ece"):

@@ -175,7 +175,7 @@ def test_cli_evaluates_the_saved_model(model_dir, text_file, capsys):
     assert code == 0, err
     result = json.loads(out)
     expected = evaluate(load_model(model_dir), ZEN, stride=32).result
-    for key in ("tokens", "bytes", "words", "windows"):
+    for key in ("tokens", "bytes", "words", "num_windows"):
         assert result[key] == expected[key], key
     for key in ("loss_nats", "perplexity", "bits_per_token", "bits_per_byte", "accuracy", "ece", "log_vocab"):
         assert result[key] == pytest.approx(expected[key], rel=1e-6), key

@@ -1,8 +1,11 @@
 """``tokenloss eval``: the loss of a causal LM on a text, as perplexity, bits per token/byte, accuracy and ECE.
 
-A thin layer over :func:`tokenloss.models.load_model`, :func:`tokenloss.evaluation.scoring.evaluate` and
-:func:`tokenloss.evaluation.reports.write_report`: it reads the text (a file or stdin), starts a process group
-when run under ``torchrun`` (gloo on CPU, NCCL on CUDA), and prints a table or one JSON object.
+A thin layer over :func:`tokenloss.models.load_model`, :func:`tokenloss.evaluation.scoring.evaluate_stream` and
+:class:`tokenloss.evaluation.reports.ReportWriter`: it reads the text (a file or stdin) block by block and
+scores it as it arrives, in memory bounded by a piece of the text and a batch of windows, writing the
+per-token files as it goes. Under ``torchrun`` it starts a process group (gloo on CPU, NCCL on CUDA),
+rank 0 reads the whole text and shares it, and the windows are dealt out to the ranks
+(:func:`tokenloss.evaluation.scoring.evaluate`). It prints a table or one JSON object.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +31,8 @@ Examples:
 
   tokenloss eval --model ./gpt2 --text wiki.txt -L 1024 -S 512 --out rep/
 
+  tokenloss eval --model ./gpt2 --text wiki.txt --windows lm-eval -L 1024   # lm-eval's numbers
+
   tokenloss eval --model ./llama --text wiki.txt --dtype bfloat16 --device cuda
 
   torchrun --nproc-per-node 2 -m tokenloss eval --model ./gpt2 --text wiki.txt
@@ -34,12 +40,32 @@ Examples:
 
 
 def read_text(source: str | None, encoding: str) -> tuple[str, str]:
-    """Reads the text from a file, or from stdin when ``source`` is None or ``"-"``; returns (text, label).
+    """The whole text of a file, or of stdin when ``source`` is None or ``"-"``: ``(text, label)``.
 
     Raises:
-        CLIError: an unknown encoding, a missing or unreadable file, bytes that do not decode.
+        CLIError: as :func:`open_text`, and for bytes that do not decode.
+    """
+    label, _, chunks = open_text(source, encoding)
+    text = "".join(chunks)
+    if not text:
+        raise CLIError(f"{label} is empty: give a text to evaluate")
+    return text, label
+
+
+READ_BLOCK = 1 << 20  # bytes read at a time
+
+
+def open_text(source: str | None, encoding: str) -> tuple[str, int | None, Iterator[str]]:
+    """Opens the text for reading in blocks: ``(label, size in bytes or None, decoded chunks)``.
+
+    The chunks raise :class:`~tokenloss.cli.errors.CLIError` for bytes that do not decode.
+
+    Raises:
+        CLIError: an unknown encoding, a missing, unreadable or empty file, a directory.
     """
     import codecs
+
+    from tokenloss.evaluation.tokenizing import UndecodableText, decode_chunks
 
     try:
         codecs.lookup(encoding)
@@ -52,7 +78,7 @@ def read_text(source: str | None, encoding: str) -> tuple[str, str]:
                 "(or pass --text FILE)",
                 file=sys.stderr,
             )
-        data, label = sys.stdin.buffer.read(), "stdin"
+        handle, label, size = sys.stdin.buffer, "stdin", None
     else:
         path = Path(source)
         if not path.exists():
@@ -60,21 +86,33 @@ def read_text(source: str | None, encoding: str) -> tuple[str, str]:
         if not path.is_file():
             raise CLIError(f"{source!r} is not a file: pass a text file to --text (or - for stdin)")
         try:
-            data, label = path.read_bytes(), source
+            handle, label, size = path.open("rb"), source, path.stat().st_size
         except OSError as error:
             raise CLIError(f"cannot read {source!r}: {error.strerror}") from None
-    try:
-        text = data.decode(encoding)
-    except UnicodeDecodeError as error:
-        raise CLIError(
-            f"{label} is not valid {encoding} (byte 0x{data[error.start]:02x} at offset {error.start}): "
-            f"pass its encoding with --encoding, e.g. --encoding latin-1 or --encoding cp1252"
-        ) from None
-    if text.startswith("\ufeff"):
-        text = text[1:]  # a byte-order mark is not part of the text
-    if not text:
-        raise CLIError(f"{label} is empty: give a text to evaluate")
-    return text, label
+        if size == 0:
+            handle.close()
+            raise CLIError(f"{label} is empty: give a text to evaluate")
+
+    def blocks() -> Iterator[bytes]:
+        try:
+            while block := handle.read(READ_BLOCK):
+                yield block
+        except OSError as error:
+            raise CLIError(f"cannot read {label!r}: {error.strerror}") from None
+        finally:
+            if handle is not sys.stdin.buffer:
+                handle.close()
+
+    def chunks() -> Iterator[str]:
+        try:
+            yield from decode_chunks(blocks(), encoding)
+        except UndecodableText as error:
+            raise CLIError(
+                f"{label} is not valid {encoding} (byte 0x{error.byte:02x} at offset {error.offset}): "
+                f"pass its encoding with --encoding, e.g. --encoding latin-1 or --encoding cp1252"
+            ) from None
+
+    return label, size, chunks()
 
 
 def _setup_distributed(device: str) -> tuple[bool, int, int, str]:
@@ -148,12 +186,22 @@ def format_summary(result: dict) -> str:
         f"model    {result['model_description']}",
         f"text     {result['text_source']}: {result['characters']} characters, {result['text_bytes']} bytes, "
         f"{result['text_words']} words -> {result['text_tokens']} tokens",
-        f"windows  {result['windows']} of up to {result['max_length']} tokens, stride {result['stride']}"
+        f"windows  {result['windows']}: {result['num_windows']} of up to {result['max_length']} tokens"
+        + (f", stride {result['stride']}" if result["windows"] != "lm-eval" else ", disjoint (lm-evaluation-harness)")
         + (f", over {result['world_size']} processes" if result["world_size"] > 1 else ""),
     ]
+    if result.get("tokenized_whole"):
+        lines.append("note     this tokenizer cannot be cut exactly: the text was tokenized whole, in memory")
     token = display_token(first.get("text", ""))
-    if result["bos"]:
-        lines.append(f"BOS      yes (id {result['bos_token_id']}) before every window: every token is scored")
+    if result["windows"] == "lm-eval":
+        lines.append(
+            f"prefix   id {result['prefix_token_id']} before the first window, as lm-eval: every token is scored"
+        )
+        if first.get("surprisal_bits") is not None:
+            lines.append(f"first    {token!r} scored after the prefix token: {first['surprisal_bits']:.2f} bits")
+    elif result["bos"]:
+        where = "every window" if result["windows"] == "sliding" else "the text"
+        lines.append(f"BOS      yes (id {result['bos_token_id']}) before {where}: every token is scored")
         if first.get("surprisal_bits") is not None:
             lines.append(f"first    {token!r} scored after BOS: {first['surprisal_bits']:.2f} bits")
     else:
@@ -186,6 +234,7 @@ def run_eval(
     *,
     text: str | None,
     model: str | None,
+    windows: str = "sliding",
     max_length: int | None,
     stride: int | None,
     batch_size: int,
@@ -198,32 +247,36 @@ def run_eval(
     quiet: bool,
 ) -> int:
     """Does what ``tokenloss eval`` asks; prints on rank 0 only. Returns the exit status."""
-    from tokenloss.evaluation.scoring import evaluate
     from tokenloss.models import load_model
 
     if out is not None and out.exists() and not out.is_dir():
         raise CLIError(f"--out {str(out)!r} exists and is not a directory")
     created, rank, world_size, device = _setup_distributed(device)
     try:
-        source_text, source = _share_text(text, encoding, rank, world_size)
+        if world_size == 1:
+            source, size, chunks = open_text(text, encoding)
+        else:
+            source_text, source = _share_text(text, encoding, rank, world_size)
         try:
             lm = load_model(model, device=device, dtype=dtype)
         except ImportError as error:  # transformers missing for a Hugging Face directory
             raise CLIError(str(error)) from None
-        evaluation = evaluate(
-            lm,
-            source_text,
+        options = dict(
+            windows=windows,
             max_length=max_length,
             stride=stride,
             bos=bos,
             batch_size=batch_size,
             progress=not quiet and not as_json,
-            gather=out is not None,
         )
+        if world_size == 1:
+            evaluation, written = _evaluate_streaming(lm, chunks, size, out, options)
+        else:
+            from tokenloss.evaluation.scoring import evaluate
+
+            evaluation = evaluate(lm, source_text, gather=out is not None, details=out is not None, **options)
         if rank != 0:
             return 0
-        from tokenloss.evaluation.metrics import count_bytes, count_words
-
         result = dict(evaluation.result)
         result.update(
             {
@@ -231,21 +284,13 @@ def run_eval(
                 "dtype": str(lm.dtype).removeprefix("torch."),
                 "device": str(lm.device),
                 "text_source": source,
-                "characters": len(source_text),
-                "text_bytes": count_bytes(source_text),
-                "text_words": count_words(source_text),
-                "bos_token_id": lm.bos_token_id if result["bos"] else None,
+                "bos_token_id": result["prefix_token_id"] if result["bos"] else None,
                 "bos_reason": _bos_reason(lm.bos_token_id, bos, result["bos"]),
             }
         )
         result = _clean(result)
         if out is not None:
-            from tokenloss.evaluation.reports import write_report
-
-            try:
-                written = write_report(evaluation.scores, result, out)
-            except OSError as error:
-                raise CLIError(f"cannot write the report to {str(out)!r}: {error.strerror or error}") from None
+            written = _write_out(out, result, evaluation, written if world_size == 1 else None, lm.vocab_size)
             result["out"] = {kind: str(path) for kind, path in written.items()}
         if as_json:
             print(json.dumps(result, ensure_ascii=False, allow_nan=False))
@@ -259,6 +304,39 @@ def run_eval(
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _evaluate_streaming(lm, chunks: Iterator[str], size: int | None, out: Path | None, options: dict):
+    """Scores the text as it is read; with ``out``, returns the open :class:`ReportWriter` (not yet finished)."""
+    from tokenloss.evaluation.reports import ReportWriter
+    from tokenloss.evaluation.scoring import evaluate_stream
+
+    if out is None:
+        return evaluate_stream(lm, chunks, size_hint=size, **options), None
+    writer = ReportWriter(out)
+    try:
+        writer.__enter__()
+    except OSError as error:
+        raise CLIError(f"cannot write the report to {str(out)!r}: {error.strerror or error}") from None
+    try:
+        return evaluate_stream(lm, chunks, size_hint=size, sink=writer, **options), writer
+    except BaseException as error:
+        writer.__exit__(type(error), error, error.__traceback__)
+        raise
+
+
+def _write_out(out: Path, result: dict, evaluation, writer, vocab_size: int) -> dict:
+    from tokenloss.evaluation.reports import write_report
+
+    try:
+        if writer is not None:
+            try:
+                return writer.finish(result, vocab_size=vocab_size)
+            finally:
+                writer.__exit__(None, None, None)
+        return write_report(evaluation.scores, result, out)
+    except OSError as error:
+        raise CLIError(f"cannot write the report to {str(out)!r}: {error.strerror or error}") from None
 
 
 def _bos_reason(bos_token_id: int | None, asked: bool | None, used: bool) -> str:
@@ -287,6 +365,16 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option("--model", "-m", help="Hugging Face or ByteGPT model directory (default: built-in byte GPT)."),
         ] = None,
+        windows: Annotated[
+            str,
+            typer.Option(
+                "--windows",
+                "-w",
+                help="Window scheme: sliding (stride S, BOS before every window), lm-eval (exactly "
+                "lm-evaluation-harness's rolling windows: its word/byte perplexity and bits per byte), "
+                "hf-guide (the Hugging Face perplexity guide's windows).",
+            ),
+        ] = "sliding",
         max_length: Annotated[
             int | None,
             typer.Option("--max-length", "-L", help="Inputs per window, BOS included (default: model context)."),
@@ -316,6 +404,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         if batch_size < 1:
             raise CLIError(f"--batch-size must be at least 1, got {batch_size}")
+        from tokenloss.evaluation.windows import SCHEMES
+
+        if windows not in SCHEMES:
+            raise CLIError(f"--windows must be one of {', '.join(SCHEMES)}; got {windows!r}")
         if max_length is not None and stride is not None and stride >= max_length:
             raise CLIError(
                 f"--stride ({stride}) must be smaller than --max-length ({max_length}): "
@@ -324,6 +416,7 @@ def register(app: typer.Typer) -> None:
         code = run_eval(
             text=text,
             model=model,
+            windows=windows,
             max_length=max_length,
             stride=stride,
             batch_size=batch_size,

@@ -135,6 +135,54 @@ def count_words(text: str) -> int:
     return len(re.split(r"\s+", text))
 
 
+class TextCounter:
+    """Bytes and words of a text read in pieces: the counts of the whole text, never off at a piece boundary.
+
+    ``words`` is :func:`count_words` (lm-evaluation-harness's count) and ``words_whitespace`` is
+    ``len(text.split())``, both of the concatenated pieces.
+
+    Examples:
+        >>> counter = TextCounter()
+        >>> for piece in ["the qu", "ick ", " brown"]:
+        ...     counter.update(piece)
+        >>> counter.bytes, counter.words, counter.words_whitespace
+        (16, 3, 3)
+    """
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.characters = 0
+        self._space_runs = 0
+        self._word_runs = 0
+        self._last: str | None = None  # the last character seen
+
+    def update(self, text: str) -> None:
+        """Adds the next piece of the text."""
+        if not text:
+            return
+        self.bytes += len(text.encode("utf-8"))
+        self.characters += len(text)
+        space_runs = len(re.findall(r"\s+", text))
+        word_runs = len(text.split())
+        if self._last is not None:
+            joined = self._last + text[0]
+            if joined.isspace():  # one whitespace run across the boundary
+                space_runs -= 1
+            elif not self._last.isspace() and not text[0].isspace():  # one word across it
+                word_runs -= 1
+        self._space_runs += space_runs
+        self._word_runs += word_runs
+        self._last = text[-1]
+
+    @property
+    def words(self) -> int:
+        return self._space_runs + 1
+
+    @property
+    def words_whitespace(self) -> int:
+        return self._word_runs
+
+
 def _check_positive(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, Tensor)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -242,7 +290,7 @@ def token_statistics(
     Args:
         logits: ``(..., V)`` float32, bfloat16, float16 or float64.
         targets: ``(...)`` integer class indices in ``[0, V)`` or ``ignore_index``.
-        top_k: how many most likely classes to keep per row (clamped to V).
+        top_k: how many most likely classes to keep per row (clamped to V; 0 keeps none, for a summary).
         ignore_index: target value of positions to leave out.
 
     Returns:
@@ -255,10 +303,11 @@ def token_statistics(
     """
     rows, flat_targets = _flatten(logits, targets, ignore_index)
     n_rows, vocab_size = rows.shape
-    k = max(1, min(int(top_k), vocab_size))
+    k = max(0, min(int(top_k), vocab_size))
     log_prob = -cross_entropy(rows, flat_targets, reduction="none", ignore_index=ignore_index)  # (N,) float32
     rank = torch.empty(n_rows, dtype=torch.int64, device=rows.device)
     entropy = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
+    confidence = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
     top_probs = torch.empty(n_rows, k, dtype=torch.float32, device=rows.device)
     top_ids = torch.empty(n_rows, k, dtype=torch.int64, device=rows.device)
     chunk = max(1, _CHUNK_ELEMENTS // vocab_size)
@@ -275,14 +324,18 @@ def token_statistics(
         # not "always right".
         tied_before = (x == target_logit) & (torch.arange(vocab_size, device=x.device) < target)
         rank[part] = 1 + (x > target_logit).sum(-1) + tied_before.sum(-1)
-        values, ids = log_p.topk(k, dim=-1)
-        top_probs[part] = values.exp()
-        top_ids[part] = ids
+        if k:
+            values, ids = log_p.topk(k, dim=-1)
+            top_probs[part] = values.exp()
+            top_ids[part] = ids
+            confidence[part] = top_probs[part, 0]
+        else:
+            confidence[part] = log_p.amax(-1).exp()
     return TokenStatistics(
         log_prob=log_prob,
         rank=rank,
         entropy=entropy,
-        confidence=top_probs[:, 0].clone(),
+        confidence=confidence,
         top_ids=top_ids,
         top_probs=top_probs,
         vocab_size=vocab_size,

@@ -42,6 +42,8 @@ class CausalLM(ABC):
         vocab_size: V, the width of the logits.
         max_length: the longest input (in tokens, BOS included) the model reads.
         bos_token_id: the tokenizer's beginning-of-sequence token, or None if it defines none.
+        eos_token_id: its end-of-sequence token, or None (lm-evaluation-harness's prefix token
+            when there is no BOS).
         device: where the model runs.
         dtype: the model's parameter dtype (logits are always returned as float32).
         bytes_per_token: 1 for a byte-level tokenizer (one token is one UTF-8 byte), else None.
@@ -51,6 +53,7 @@ class CausalLM(ABC):
     vocab_size: int
     max_length: int
     bos_token_id: int | None
+    eos_token_id: int | None = None
     device: torch.device
     dtype: torch.dtype
     bytes_per_token: int | None = None
@@ -74,6 +77,11 @@ class CausalLM(ABC):
     @abstractmethod
     def decode_token(self, token_id: int) -> str:
         """The display text of one token."""
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The UTF-8 bytes one token stands for, where the tokenizer tells them exactly (byte-level
+        tokenizers, byte-fallback tokens); None otherwise."""
+        return None
 
     @abstractmethod
     def logits(self, input_ids: Tensor) -> Tensor:
@@ -121,6 +129,9 @@ class ByteLM(CausalLM):
         for index, char in enumerate(text):
             spans.extend([(index, index + 1)] * len(char.encode("utf-8")))
         return spans
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id])
 
     def decode_token(self, token_id: int) -> str:
         if not 0 <= token_id < 256:

@@ -7,6 +7,7 @@ Needs ``pip install 'tokenloss[hf]'``. Nothing is downloaded: the model director
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -41,6 +42,8 @@ class HFCausalLM(CausalLM):
         self.vocab_size = int(output.out_features if output is not None else model.config.vocab_size)
         self.max_length = _context_length(model.config, tokenizer)
         self.bos_token_id = tokenizer.bos_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+        self._byte_level = _is_byte_level(tokenizer)
         parameter = next(model.parameters())
         self.device = parameter.device
         self.dtype = parameter.dtype
@@ -67,9 +70,46 @@ class HFCausalLM(CausalLM):
             self._display[token_id] = text
         return self._display[token_id]
 
+    def token_bytes(self, token_id: int) -> bytes | None:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if not isinstance(piece, str):
+            return None
+        fallback = _BYTE_FALLBACK.fullmatch(piece)
+        if fallback:
+            return bytes([int(fallback.group(1), 16)])
+        if self._byte_level and all(char in _UNICODE_TO_BYTE for char in piece):
+            return bytes(_UNICODE_TO_BYTE[char] for char in piece)
+        return None
+
     def logits(self, input_ids: Tensor) -> Tensor:
         output = self.model(input_ids=input_ids.to(self.device), use_cache=False)
         return output.logits.float()  # (B, T, V)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map of the 256 byte values to printable characters (what byte-level BPE vocabularies are written in)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {}, 0
+    for value in range(256):
+        if value in printable:
+            mapping[value] = chr(value)
+        else:
+            mapping[value] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+_UNICODE_TO_BYTE = {char: value for value, char in _bytes_to_unicode().items()}
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _is_byte_level(tokenizer) -> bool:
+    """Whether the tokenizer writes tokens in GPT-2's byte alphabet (a ByteLevel decoder, or a slow GPT-2 one)."""
+    if hasattr(tokenizer, "byte_decoder"):
+        return True
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    return decoder is not None and "ByteLevel" in repr(decoder)
 
 
 def _context_length(config, tokenizer) -> int:
