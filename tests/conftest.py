@@ -87,3 +87,105 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny Hugging Face causal LMs, built and saved offline (no download).
+
+ZEN = __import__("codecs").decode(__import__("this").s, "rot13")
+SAMPLE = "Beautiful is better than ugly. Naïve code — 🙂 is fine, too."
+
+
+def build_tokenizer(arch: str, *, adds_bos: bool = False):
+    """A small BPE trained on the Zen of Python: byte-level like GPT-2, or Metaspace with <s> like Llama.
+
+    ``adds_bos``: the tokenizer puts ``<s>`` before every text it encodes (Llama's template).
+    """
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if arch == "gpt2":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+        special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+    else:
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+        special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    tokenizer.train_from_iterator([ZEN, SAMPLE], trainer)
+    if adds_bos:
+        bos = special["bos_token"]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+        )
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
+
+
+def build_model(arch: str, vocab_size: int, bos: int, context: int = 64):
+    """A 2-layer random GPT-2 or Llama (hidden size 32)."""
+    import transformers
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=vocab_size, n_positions=context, n_embd=32, n_layer=2, n_head=2, bos_token_id=bos
+        )
+        return transformers.GPT2LMHeadModel(config)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        bos_token_id=bos,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def train_briefly(model, tokenizer, *, steps: int = 40, length: int = 32) -> None:
+    """A few Adam steps on the Zen of Python, so that the model's predictions are not uniform noise."""
+    ids = torch.tensor(tokenizer(ZEN, add_special_tokens=False)["input_ids"])
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - length, (8,), generator=generator)
+        batch = torch.stack([ids[s : s + length] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Callable[..., object]:
+    """Factory ``(arch, *, adds_bos=False, trained=False, context=64) -> Path`` of a saved tiny model
+    and tokenizer (``"gpt2"`` or ``"llama"``), built once per session per combination."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    built: dict[tuple, object] = {}
+
+    def make(arch: str, *, adds_bos: bool = False, trained: bool = False, context: int = 64):
+        key = (arch, adds_bos, trained, context)
+        if key not in built:
+            directory = tmp_path_factory.mktemp(f"{arch}-bos{int(adds_bos)}-trained{int(trained)}")
+            tokenizer = build_tokenizer(arch, adds_bos=adds_bos)
+            model = build_model(arch, len(tokenizer), tokenizer.bos_token_id, context)
+            if trained:
+                train_briefly(model, tokenizer)
+            model.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+            built[key] = directory
+        return built[key]
+
+    return make

@@ -26,58 +26,10 @@ SAMPLE = "Beautiful is better than ugly. Naïve code — 🙂 is fine, too."
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def build_tokenizer(arch: str):
-    """A small BPE trained on the Zen of Python: byte-level like GPT-2, or Metaspace with <s> like Llama."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    if arch == "gpt2":
-        tokenizer = Tokenizer(models.BPE())
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tokenizer.decoder = decoders.ByteLevel()
-        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-        trainer = tokenizers.trainers.BpeTrainer(
-            vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        )
-        special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
-    else:
-        tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
-        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-        tokenizer.decoder = decoders.Metaspace()
-        trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
-        special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    tokenizer.train_from_iterator([ZEN, SAMPLE], trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
-
-
-def build_model(arch: str, vocab_size: int, bos: int, context: int = 64):
-    torch.manual_seed(0)
-    if arch == "gpt2":
-        config = transformers.GPT2Config(
-            vocab_size=vocab_size, n_positions=context, n_embd=32, n_layer=2, n_head=2, bos_token_id=bos
-        )
-        return transformers.GPT2LMHeadModel(config)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=context,
-        bos_token_id=bos,
-    )
-    return transformers.LlamaForCausalLM(config)
-
-
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
-def model_dir(request, tmp_path_factory):
+def model_dir(request, tiny_hf_dir):
     """A saved tiny random causal LM with its tokenizer: what `save_pretrained` writes, no download."""
-    directory = tmp_path_factory.mktemp(request.param)
-    tokenizer = build_tokenizer(request.param)
-    model = build_model(request.param, len(tokenizer), tokenizer.bos_token_id)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return tiny_hf_dir(request.param)
 
 
 @pytest.fixture(scope="module")

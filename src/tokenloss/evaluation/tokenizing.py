@@ -1,20 +1,20 @@
 """A long text tokenized in pieces, with the same tokens as tokenizing it whole, in bounded memory.
 
 A tokenizer's output for ``a + b`` is ``tokens(a) + tokens(b)`` only at some cut points (between
-two pre-tokens of a byte-level BPE, after a newline, ...), and at none for some tokenizers
-(SentencePiece's dummy prefix adds a space at the start of every piece). :func:`tokenize_pieces`
+two pre-tokens of a byte-level BPE, after a newline, before a space, ...), and at none for a
+tokenizer that adds something at the start of every text it encodes. :func:`tokenize_pieces`
 cuts the text only where it has checked that it may:
 
 - a byte-level model (:attr:`~tokenloss.models.CausalLM.bytes_per_token` of 1) may be cut at any
   character;
-- otherwise a cut ``c`` is tried after a newline (else a space) near the piece size, and taken
+- otherwise a cut ``c`` is tried next to a newline (else a space) near the piece size, and taken
   only when tokenizing the piece together with the next ``margin`` characters gives the piece's
   own tokens, a token boundary at ``c``, and then the same tokens as the text from ``c`` on,
   for the tokens that end at least ``margin / 2`` characters before the extension stops. A
   tokenizer's choices depend on a few characters around a cut (its pre-tokenizer's pattern), so
   agreement over hundreds of characters on both sides is agreement with the whole text.
-- when no cut point passes, the piece grows; a tokenizer that never passes (the dummy prefix)
-  ends up tokenizing the whole text at once, as before, and :attr:`PieceTokenizer.whole` says so.
+- when no cut point passes, the piece grows; a tokenizer that never passes ends up tokenizing
+  the whole text at once, as before, and :attr:`PieceTokenizer.whole` says so.
 """
 
 from __future__ import annotations
@@ -96,9 +96,10 @@ class PieceTokenizer:
             position = text.rfind(separator, low, target)
             tried = 0
             while position >= low and tried < 8:
-                cut = position + 1
-                if self._cut_is_exact(text, cut):
-                    return cut
+                # after a newline (its own pre-token) or before a space (GPT-2 attaches it to the next word)
+                for cut in (position + 1, position):
+                    if cut > 0 and self._cut_is_exact(text, cut):
+                        return cut
                 position = text.rfind(separator, low, position)
                 tried += 1
         return None
@@ -151,6 +152,8 @@ def decode_chunks(chunks: Iterable[bytes], encoding: str) -> Iterator[str]:
         except UnicodeDecodeError as error:
             buffered = len(error.object) - len(chunk)  # bytes the decoder held back from earlier chunks
             raise UndecodableText(encoding, consumed - buffered + error.start, error.object[error.start]) from None
+        except UnicodeError:  # e.g. UTF-16 without a byte-order mark
+            raise UndecodableText(encoding, consumed, chunk[0]) from None
         consumed += len(chunk)
         if first and text:
             text, first = text.removeprefix("\ufeff"), False
