@@ -115,6 +115,77 @@ def test_out_writes_the_report(model_dir, text_file, tmp_path, capsys):
     assert len(rows) == len(ZEN.encode())
 
 
+def test_streamed_report_equals_the_whole_text_report(model_dir, tmp_path, capsys, monkeypatch):
+    """The report written while streaming in small pieces holds the rows and numbers of write_report over the
+    whole text's scores; the page shows the first HTML_TOKENS tokens and says so."""
+    from tokenloss.evaluation import reports, tokenizing
+    from tokenloss.models import load_model
+
+    text = ZEN * 3
+    path = tmp_path / "long.txt"
+    path.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(tokenizing, "PIECE_CHARS", 300)
+    monkeypatch.setattr(reports, "HTML_TOKENS", 100)
+    out_dir = tmp_path / "streamed"
+    code, out, err = run(
+        capsys, "--model", str(model_dir), "--text", str(path), "-o", str(out_dir), "-b", "4", "--json"
+    )
+    assert code == 0, err
+    evaluation = evaluate(load_model(model_dir), text)
+    expected = [json.loads(json.dumps(row)) for row in evaluation.scores.rows()]
+    rows = [json.loads(line) for line in (out_dir / "tokens.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == len(expected) == len(text.encode())
+    for row, want in zip(rows, expected):
+        assert row.keys() == want.keys()
+        for key, value in want.items():
+            assert row[key] == (pytest.approx(value, rel=1e-5, abs=1e-6) if isinstance(value, float) else value), key
+    page = (out_dir / "report.html").read_text(encoding="utf-8")
+    assert f"The first 100 of the {len(rows)} tokens are shown" in page
+    summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+    assert summary["tokens"] == evaluation.result["tokens"] == json.loads(out)["tokens"]
+
+
+def test_an_interrupted_run_leaves_the_report_directory_as_it_was(model_dir, tmp_path, capsys, monkeypatch):
+    """Bytes that do not decode, found after scoring started, stop the run: the earlier report is untouched and
+    no temporary file is left behind."""
+    from tokenloss.cli import eval as eval_cli
+
+    monkeypatch.setattr(eval_cli, "READ_BLOCK", 256)
+    path = tmp_path / "late-error.txt"
+    path.write_bytes((ZEN * 4).encode() + b"\xff tail")
+    out_dir = tmp_path / "report"
+    out_dir.mkdir()
+    (out_dir / "tokens.csv").write_text("an earlier run's rows\n")
+    code, out, err = run(capsys, "--model", str(model_dir), "--text", str(path), "-o", str(out_dir), "-q")
+    assert code == 2 and out == ""
+    assert err == (
+        f"Error: {path} is not valid utf-8 (byte 0xff at offset {len(ZEN.encode()) * 4}): pass its encoding with "
+        "--encoding, e.g. --encoding latin-1 or --encoding cp1252\n"
+    )
+    assert [p.name for p in out_dir.iterdir()] == ["tokens.csv"]
+    assert (out_dir / "tokens.csv").read_text() == "an earlier run's rows\n"
+
+
+@pytest.mark.parametrize("scheme", ["lm-eval", "hf-guide"])
+def test_windows_option_gives_the_schemes_numbers(tiny_hf_dir, tmp_path, capsys, scheme):
+    directory = tiny_hf_dir("gpt2")
+    path = tmp_path / "zen.txt"
+    path.write_text(ZEN, encoding="utf-8")
+    args = ["--model", str(directory), "--text", str(path), "-L", "16", "-S", "5", "--windows", scheme]
+    code, out, err = run(capsys, *args, "--json")
+    assert code == 0, err
+    from tokenloss.models import load_model
+
+    expected = evaluate(load_model(directory), ZEN, windows=scheme, max_length=16, stride=5).result
+    got = json.loads(out)
+    assert got["windows"] == scheme and got["num_windows"] == expected["num_windows"]
+    for key in JSON_KEYS | {"word_perplexity", "byte_perplexity"}:
+        assert got[key] == pytest.approx(expected[key], rel=1e-6), key
+    code, out, err = run(capsys, *args, "-q")
+    first_line = "disjoint (lm-evaluation-harness)" if scheme == "lm-eval" else "stride 5"
+    assert code == 0 and f"windows  {scheme}: " in out and first_line in out
+
+
 def test_options_reach_the_library(monkeypatch, text_file, capsys):
     """Each option is passed on: model path, device and dtype to load_model; windows and BOS to evaluate."""
     seen = {}
@@ -194,6 +265,9 @@ def bad_inputs(tmp, model_dir, text_file):
         else ([*model, *text, "--device", "tpu"], "unknown device"),
         "out is a file": ([*model, *text, "--out", str(blocker)], "not a directory"),
         "zero batch": ([*model, *text, "-b", "0"], "--batch-size"),
+        "unknown windows": ([*model, *text, "--windows", "rolling"], "--windows must be one of sliding, lm-eval"),
+        "lm-eval without a prefix token": ([*model, *text, "--windows", "lm-eval"], "defines neither BOS nor EOS"),
+        "lm-eval with --no-bos": ([*model, *text, "--windows", "lm-eval", "--no-bos"], "--no-bos does not apply"),
     }
 
 
@@ -214,6 +288,9 @@ BAD_NAMES = [
     "no cuda",
     "out is a file",
     "zero batch",
+    "unknown windows",
+    "lm-eval without a prefix token",
+    "lm-eval with --no-bos",
 ]
 
 

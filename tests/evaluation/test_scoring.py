@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import socket
@@ -297,3 +298,37 @@ def test_evaluate_sharded_over_two_gloo_processes_equals_single_process(tmp_path
             assert result[key] == pytest.approx(single.result[key], rel=1e-6), key
     assert_close(torch.tensor(ranks[0]["log_prob"]), single.scores.log_prob, equal_nan=True, rtol=1e-5, atol=1e-6)
     assert ranks[1]["scores_is_none"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: memory bounded by a piece and a batch, not by the text.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_report", [False, True])
+def test_streamed_memory_does_not_grow_with_the_text(tmp_path, with_report):
+    """Python memory (tracemalloc peak) of evaluate_stream over a text 4x longer stays within 10% + 64 KiB:
+    tokens, offsets and text are dropped once scored, and the report keeps a bounded page."""
+    import tracemalloc
+
+    from tokenloss.evaluation.reports import ReportWriter
+    from tokenloss.evaluation.scoring import evaluate_stream
+
+    model = ByteLM(ByteGPT(GPTConfig(block_size=128, n_layer=1, n_head=2, n_embd=16)))
+    peaks = []
+    for repeats in (3, 12) if with_report else (30, 120):
+        writer = ReportWriter(tmp_path / str(repeats), html_tokens=300, plot=False) if with_report else None
+        tracemalloc.start()
+        try:
+            with writer or contextlib.nullcontext():
+                result = evaluate_stream(
+                    model, (TEXT * 10 for _ in range(repeats)), max_length=128, stride=120, batch_size=8,
+                    piece_chars=1024, sink=writer,
+                ).result  # fmt: skip
+                if writer:
+                    writer.finish(result, vocab_size=256)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        assert result["tokens"] == len((TEXT * 10).encode()) * repeats - 1
+    assert peaks[1] <= 1.1 * peaks[0] + 65536, peaks

@@ -355,7 +355,7 @@ class ReportWriter:
 
     Args:
         directory: created if missing.
-        html_tokens: tokens shown coloured in the page (the first ones).
+        html_tokens: tokens shown coloured in the page, the first ones (default :data:`HTML_TOKENS`).
         most_surprising: how many of the most surprising tokens the page lists.
         plot: draw the PNG (needs matplotlib; skipped with no error when it is missing).
 
@@ -364,12 +364,18 @@ class ReportWriter:
     """
 
     def __init__(
-        self, directory: str | Path, *, html_tokens: int = HTML_TOKENS, most_surprising: int = 20, plot: bool = True
+        self,
+        directory: str | Path,
+        *,
+        html_tokens: int | None = None,
+        most_surprising: int = 20,
+        plot: bool = True,
     ) -> None:
         self.directory = Path(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise FileExistsError(f"--out {str(self.directory)!r} exists and is not a directory")
-        self.html_tokens, self.most_surprising, self.plot = html_tokens, most_surprising, plot
+        self.html_tokens = HTML_TOKENS if html_tokens is None else html_tokens
+        self.most_surprising, self.plot = most_surprising, plot
         self._stack = contextlib.ExitStack()
         self._html_rows: list[dict] = []
         self._html_text: list[str] = []

@@ -815,7 +815,7 @@ def evaluate_stream(
     first: dict = {}
     first_bytes = 0
     emitted = 0  # rows handed to the sink
-    tokenizer = PieceTokenizer(model, **({"piece_chars": piece_chars} if piece_chars else {}))
+    tokenizer = PieceTokenizer(model, piece_chars=piece_chars)
 
     def rows_for(part: ScoredTokens | None, upto: int) -> list[dict]:
         nonlocal emitted

@@ -52,13 +52,13 @@ class PieceTokenizer:
 
     Args:
         model: the :class:`~tokenloss.models.CausalLM` whose tokenizer to use.
-        piece_chars: the size of a piece before a cut is looked for.
+        piece_chars: the size of a piece before a cut is looked for (default :data:`PIECE_CHARS`).
         margin: characters past a cut that must tokenize the same (see the module doc).
     """
 
-    def __init__(self, model: CausalLM, *, piece_chars: int = PIECE_CHARS, margin: int = MARGIN_CHARS) -> None:
+    def __init__(self, model: CausalLM, *, piece_chars: int | None = None, margin: int = MARGIN_CHARS) -> None:
         self.model = model
-        self.piece_chars = piece_chars
+        self.piece_chars = PIECE_CHARS if piece_chars is None else piece_chars
         self.margin = margin
         self.whole = False  # True once a piece had to grow past 8 piece sizes without a cut point
         self._any_cut = model.bytes_per_token == 1

@@ -15,6 +15,7 @@ Importing this package needs only torch; transformers is imported when a Hugging
 
 from __future__ import annotations
 
+import functools
 import math
 import unicodedata
 from abc import ABC, abstractmethod
@@ -222,6 +223,7 @@ def load_model(
     return load_hf_model(directory, device=torch_device, dtype=torch_dtype)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def display_token(text: str) -> str:
     """A token's text made visible in one line: newlines, tabs and other controls escaped."""
     out = []
