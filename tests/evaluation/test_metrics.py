@@ -100,11 +100,13 @@ def reference_statistics(logits, targets):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, scale", [((3, 7, 11), 3.0), ((5, 1), 1.0), ((2, 4, 37), 40.0)])
-def test_token_statistics_match_float64(dtype, shape, scale, make_logits, tolerances):
-    """log p, entropy, rank, confidence and top-k equal a float64 computation on the same (cast) logits."""
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_token_statistics_match_float64(dtype, shape, scale, top_k, make_logits, tolerances):
+    """log p, entropy, rank, confidence and top-k equal a float64 computation on the same (cast) logits;
+    top_k=0 (a summary) gives the same numbers and no alternatives."""
     logits = make_logits(*shape, dtype=dtype, scale=scale)
     targets = torch.randint(0, shape[-1], shape[:-1], generator=torch.Generator().manual_seed(1))
-    stats = metrics.token_statistics(logits, targets, top_k=3)
+    stats = metrics.token_statistics(logits, targets, top_k=top_k)
     log_p, entropy, rank, confidence = reference_statistics(logits, targets)
     tol = tolerances[torch.float32]  # the statistics are computed in float32 whatever the input dtype
     assert_close(stats.log_prob.double(), log_p, **tol)
@@ -113,7 +115,7 @@ def test_token_statistics_match_float64(dtype, shape, scale, make_logits, tolera
     assert_close(stats.entropy.double(), entropy, **tol)
     assert torch.equal(stats.rank, rank)
     assert_close(stats.confidence.double(), confidence, **tol)
-    k = min(3, shape[-1])
+    k = min(top_k, shape[-1])
     top = torch.softmax(logits.double().reshape(-1, shape[-1]), -1).topk(k, -1)
     assert_close(stats.top_probs.double(), top.values, **tol)
     assert stats.top_ids.shape == (targets.numel(), k)
@@ -121,13 +123,15 @@ def test_token_statistics_match_float64(dtype, shape, scale, make_logits, tolera
 
 
 def test_token_statistics_log_prob_is_the_library_loss():
-    """The log-probability is exactly -tl.cross_entropy(reduction="none"), and -inf logits are handled."""
+    """The log-probability is bit for bit -tl.cross_entropy(reduction="none"), and -inf logits are handled."""
     logits = random_logits((4, 9), torch.float32, 5.0)
     logits[:, 3] = -math.inf
     targets = torch.tensor([0, 1, 2, 8])
     stats = metrics.token_statistics(logits, targets)
     assert torch.equal(stats.log_prob, -tl.cross_entropy(logits, targets, reduction="none"))
-    assert torch.isfinite(stats.entropy).all()
+    log_p = torch.log_softmax(logits.double(), -1)
+    entropy = -torch.where(log_p > -math.inf, log_p.exp() * log_p, 0.0).sum(-1)  # 0 log 0 = 0
+    assert_close(stats.entropy.double(), entropy, rtol=2e-5, atol=2e-6)
     expected = torch.log_softmax(logits.double(), -1).gather(-1, targets[:, None])[:, 0]
     assert_close(stats.log_prob.double(), expected, rtol=2e-5, atol=2e-6)
 

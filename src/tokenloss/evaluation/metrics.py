@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from tokenloss.functional import cross_entropy
+from tokenloss.ops.rowwise import check_finite_rows
+from tokenloss.options import check_target_range
 
 LN2 = math.log(2.0)
 DEFAULT_BINS = 15
@@ -274,6 +276,21 @@ def _flatten(logits: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor
     return rows, flat_targets
 
 
+_WORKSPACE = threading.local()
+
+
+def _workspace(rows: int, vocab_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Three ``(rows, V)`` float32 scratch buffers, kept between calls on the CPU (a fresh multi-megabyte
+    tensor costs its page faults every time: more than the arithmetic done in it)."""
+    if device.type != "cpu":
+        return tuple(torch.empty(rows, vocab_size, device=device) for _ in range(3))
+    size = rows * vocab_size
+    cached = getattr(_WORKSPACE, "buffer", None)
+    if cached is None or cached.numel() < 3 * size:
+        cached = _WORKSPACE.buffer = torch.empty(3 * size)
+    return tuple(cached[i * size : (i + 1) * size].view(rows, vocab_size) for i in range(3))
+
+
 def token_statistics(
     logits: Tensor,
     targets: Tensor,
@@ -283,9 +300,11 @@ def token_statistics(
 ) -> TokenStatistics:
     """Log-probability, rank, entropy and top-k of each prediction; positions with ``ignore_index`` dropped.
 
-    The log-probability is ``-tokenloss.cross_entropy(logits, targets, reduction="none")``; the
-    rest uses ``log_softmax`` in float32, a chunk of rows at a time (no ``(N, V)`` float32 copy
-    of a large batch at once). No shift: row ``i`` of ``logits`` predicts ``targets[i]``.
+    Every statistic comes from one pass over a chunk of rows in float32 (no ``(N, V)`` float32 copy
+    of a large batch at once): the row max, ``exp`` of the logits less it and its sum give the
+    log-probability (``-tokenloss.cross_entropy(logits, targets, reduction="none")`` to float32
+    rounding), the entropy (as a dot product) and the top-1 probability; one comparison gives the
+    rank. No shift: row ``i`` of ``logits`` predicts ``targets[i]``.
 
     Args:
         logits: ``(..., V)`` float32, bfloat16, float16 or float64.
@@ -304,33 +323,55 @@ def token_statistics(
     rows, flat_targets = _flatten(logits, targets, ignore_index)
     n_rows, vocab_size = rows.shape
     k = max(0, min(int(top_k), vocab_size))
-    log_prob = -cross_entropy(rows, flat_targets, reduction="none", ignore_index=ignore_index)  # (N,) float32
+    counted = torch.ones(n_rows, dtype=torch.bool, device=rows.device)
+    check_target_range(flat_targets, counted, vocab_size, ignore_index)
+    log_prob = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
     rank = torch.empty(n_rows, dtype=torch.int64, device=rows.device)
     entropy = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
     confidence = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
     top_probs = torch.empty(n_rows, k, dtype=torch.float32, device=rows.device)
     top_ids = torch.empty(n_rows, k, dtype=torch.int64, device=rows.device)
     chunk = max(1, _CHUNK_ELEMENTS // vocab_size)
+    shifted_buffer, weights_buffer, flags_buffer = _workspace(min(chunk, n_rows), vocab_size, rows.device)
     for start in range(0, n_rows, chunk):
         part = slice(start, start + chunk)
-        x = rows[part].float()  # (n, V) float32
-        log_p = torch.log_softmax(x, dim=-1)  # (n, V)
-        p = log_p.exp()
-        # p * log p -> 0 where p underflows to 0 (log p may be -inf there).
-        entropy[part] = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+        x = rows[part].float()  # (n, V) float32 (the rows themselves when they are float32: never written)
+        n = x.shape[0]
+        shifted, weights, flags = shifted_buffer[:n], weights_buffer[:n], flags_buffer[:n]
         target = flat_targets[part].unsqueeze(-1)  # (n, 1)
+        top = x.amax(-1, keepdim=True)  # (n, 1)
+        torch.sub(x, top, out=shifted)  # at most 0
+        torch.exp(shifted, out=weights)  # p * sum
+        total = weights.sum(-1)  # (n,)
+        log_total = total.log()
+        lse[part] = top.squeeze(-1) + log_total
         target_logit = x.gather(-1, target)  # (n, 1)
+        log_prob[part] = (target_logit - top).squeeze(-1) - log_total
+        # H = log sum - sum(p * shifted): one dot product per row.
+        entropy[part] = log_total - torch.bmm(weights.unsqueeze(1), shifted.unsqueeze(2)).view(n) / total
+        confidence[part] = total.reciprocal()  # the top class's exp(0) / sum
         # Ties go to the smaller class index, as argmax and topk order them: uniform logits are
-        # not "always right".
-        tied_before = (x == target_logit) & (torch.arange(vocab_size, device=x.device) < target)
-        rank[part] = 1 + (x > target_logit).sum(-1) + tied_before.sum(-1)
+        # not "always right". Counts as float32 sums of 0/1 flags: exact below 2**24 classes.
+        torch.gt(x, target_logit, out=flags)
+        greater = flags.sum(-1)
+        torch.ge(x, target_logit, out=flags)
+        tied_rows = (flags.sum(-1) > greater + 1).nonzero().squeeze(-1)  # rare: look at those rows again
+        rank[part] = 1 + greater.long()
+        if tied_rows.numel():
+            columns = torch.arange(vocab_size, device=x.device)
+            tied = (x[tied_rows] == target_logit[tied_rows]) & (columns < target[tied_rows])
+            rank[part][tied_rows] += tied.sum(-1)
         if k:
-            values, ids = log_p.topk(k, dim=-1)
-            top_probs[part] = values.exp()
+            values, ids = shifted.topk(k, dim=-1)
+            top_probs[part] = values.exp() / total.unsqueeze(-1)
             top_ids[part] = ids
-            confidence[part] = top_probs[part, 0]
-        else:
-            confidence[part] = log_p.amax(-1).exp()
+    # A -inf logit where the probability underflows makes 0 * -inf: those rows' entropy, the slow way.
+    unsafe = entropy.isnan() & lse.isfinite()
+    if bool(unsafe.any()):
+        log_p = torch.log_softmax(rows[unsafe].float(), dim=-1)
+        entropy[unsafe] = -torch.where(log_p > -math.inf, log_p.exp() * log_p, torch.zeros_like(log_p)).sum(-1)
+    check_finite_rows(lse, counted, "logits", loss=-log_prob)
     return TokenStatistics(
         log_prob=log_prob,
         rank=rank,

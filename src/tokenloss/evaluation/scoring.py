@@ -481,18 +481,17 @@ def _score_batches(
                 f"the model returned logits of shape {tuple(logits.shape)} for inputs of shape "
                 f"{tuple(inputs.shape)}; expected (B, T, {model.vocab_size})"
             )
-        # Token i is predicted by the logits at the input position of token i - 1 (the prefix for i == begin).
-        rows = torch.cat(
-            [
-                logits[b, w.score_from - w.begin + w.prefix - 1 : w.score_to - w.begin + w.prefix - 1]
-                for b, w in enumerate(batch)
-            ]
-        )  # (n, V)
+        # Token i is predicted by the logits at the input position of token i - 1 (the prefix for i == begin);
+        # each window's rows are a view: no copy of the (n, V) logits.
+        parts = []
+        with torch.inference_mode():
+            for b, w in enumerate(batch):
+                rows = logits[b, w.score_from - w.begin + w.prefix - 1 : w.score_to - w.begin + w.prefix - 1]
+                targets = torch.tensor(tokens.slice(w.score_from, w.score_to), dtype=torch.int64, device=rows.device)
+                parts.append(token_stats_cpu(rows, targets, top_k))
+        stats = parts[0] if len(parts) == 1 else TokenStatistics.concatenate(parts)
         positions = torch.cat([torch.arange(w.score_from, w.score_to) for w in batch])  # (n,)
         begins = torch.cat([torch.full((w.num_scored,), w.begin) for w in batch])  # (n,)
-        targets = torch.tensor([i for w in batch for i in tokens.slice(w.score_from, w.score_to)], dtype=torch.int64)
-        with torch.inference_mode():
-            stats = token_stats_cpu(rows, targets.to(rows.device), top_k)
         yield ScoredTokens(positions=positions, context=positions - begins, stats=stats)
 
 
