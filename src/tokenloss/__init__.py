@@ -7,6 +7,7 @@ The public API::
     tl.CrossEntropyLoss(...), tl.LinearCrossEntropyLoss(...)  # the same as nn.Modules
     tl.LossOptions(...)                                     # the options, listed and checked once
     tl.token_logprobs(logits, tokens), tl.linear_token_logprobs(hidden, weight, tokens)  # RL: logp, entropy
+    tl.linear_distillation_loss(student_hidden, student_weight, teacher_hidden, teacher_weight)  # KD, fused
 
 The formulas, written plainly, are in :mod:`tokenloss.reference`; the options, listed once, in
 :mod:`tokenloss.options`; the per-row math of the fast paths in :mod:`tokenloss.ops.rowwise`.
@@ -15,6 +16,7 @@ Everything else lives in packages that depend on the loss and never the reverse:
 :mod:`tokenloss.integrations`, :mod:`tokenloss.explain` and :mod:`tokenloss.cli`.
 """
 
+from tokenloss.distillation import linear_distillation_loss
 from tokenloss.functional import cross_entropy, linear_cross_entropy
 from tokenloss.logprobs import linear_token_logprobs, token_logprobs
 from tokenloss.modules import CrossEntropyLoss, LinearCrossEntropyLoss
@@ -28,6 +30,7 @@ __all__ = [
     "LossOptions",
     "cross_entropy",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "linear_token_logprobs",
     "token_logprobs",
     "__version__",

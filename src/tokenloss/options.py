@@ -237,10 +237,11 @@ def check_linear_inputs(
     *,
     weight_name: str = "weight",
     bias_name: str = "bias",
+    hidden_name: str = "hidden",
 ) -> None:
     """Raises TypeError/ValueError unless hidden ``(..., D)``, weight ``(V, D)``, bias ``(V,)`` agree
     in shape, dtype and device (the names in messages are the caller's: ``weight_shard`` ...)."""
-    for name, tensor in (("hidden", hidden), (weight_name, weight), (bias_name, bias)):
+    for name, tensor in ((hidden_name, hidden), (weight_name, weight), (bias_name, bias)):
         if tensor is None and name == bias_name:
             continue
         if not isinstance(tensor, Tensor):
@@ -249,10 +250,10 @@ def check_linear_inputs(
         if tensor.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {tensor.dtype}")
     if hidden.ndim < 1 or hidden.shape[-1] < 1:
-        raise ValueError(f"hidden must have shape (..., D) with D >= 1, got {tuple(hidden.shape)}")
+        raise ValueError(f"{hidden_name} must have shape (..., D) with D >= 1, got {tuple(hidden.shape)}")
     if weight.ndim != 2 or weight.shape[0] < 1 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
-            f"{weight_name} must have shape (V, D) = (V, {hidden.shape[-1]}) with V >= 1 (D from hidden), "
+            f"{weight_name} must have shape (V, D) = (V, {hidden.shape[-1]}) with V >= 1 (D from {hidden_name}), "
             f"got {tuple(weight.shape)}"
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
@@ -261,9 +262,9 @@ def check_linear_inputs(
         if tensor is None:
             continue
         if tensor.dtype != hidden.dtype:
-            raise TypeError(f"{name} must have the dtype of hidden ({hidden.dtype}), got {tensor.dtype}")
+            raise TypeError(f"{name} must have the dtype of {hidden_name} ({hidden.dtype}), got {tensor.dtype}")
         if tensor.device != hidden.device:
-            raise ValueError(f"{name} must be on the device of hidden ({hidden.device}), got {tensor.device}")
+            raise ValueError(f"{name} must be on the device of {hidden_name} ({hidden.device}), got {tensor.device}")
 
 
 # The name of the input's last dimension, for messages.

@@ -285,9 +285,12 @@ def _workspace(rows: int, vocab_size: int, device: torch.device) -> tuple[Tensor
     if device.type != "cpu":
         return tuple(torch.empty(rows, vocab_size, device=device) for _ in range(3))
     size = rows * vocab_size
-    cached = getattr(_WORKSPACE, "buffer", None)
+    # A tensor made under inference_mode may not be written outside it: one buffer per mode.
+    attribute = "inference_buffer" if torch.is_inference_mode_enabled() else "buffer"
+    cached = getattr(_WORKSPACE, attribute, None)
     if cached is None or cached.numel() < 3 * size:
-        cached = _WORKSPACE.buffer = torch.empty(3 * size)
+        cached = torch.empty(3 * size)
+        setattr(_WORKSPACE, attribute, cached)
     return tuple(cached[i * size : (i + 1) * size].view(rows, vocab_size) for i in range(3))
 
 

@@ -1,0 +1,278 @@
+"""Knowledge distillation fused with both LM heads: a divergence between a teacher's and a student's
+next-token distributions, with neither ``(N, V)`` logits tensor ever held whole.
+
+For each position that counts, with student logits ``s = h_s @ W_s.T + b_s`` and teacher logits
+``t = h_t @ W_t.T + b_t`` taken at ``temperature`` ``T``, ``q = softmax(s / T)`` (the student) and
+``p = softmax(t / T)`` (the teacher)::
+
+    forward_kl      KL(p || q) = sum p (log p - log q)
+    reverse_kl      KL(q || p) = sum q (log q - log p)
+    jsd             beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+                    (TRL's generalised Jensen-Shannon divergence of GKD: beta = 0 is forward_kl,
+                    beta = 1 is reverse_kl, as TRL special-cases them)
+    cross_entropy   H(p, q) = -sum p log q  (= forward_kl + H(p); the same gradient)
+
+``0 log 0`` is taken as 0. With ``hard_weight`` ``a > 0`` the loss of a position is
+``(1 - a) * divergence + a * CE(s, target)``, the ordinary cross-entropy of the student's logits at
+temperature 1 on ``targets``.
+
+The forward pass computes both heads' logits one chunk of rows at a time and keeps only the ``(N,)``
+per-position losses; the backward pass recomputes each chunk and differentiates it (autograd on
+the chunk), so memory beyond the inputs and gradients is one chunk of rows of each head. Rows that
+do not count are dropped before the products. Gradients reach the student's hidden states, weight
+and bias only: the teacher is a constant.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from tokenloss.ops.linear_cross_entropy import counted_row_index
+from tokenloss.ops.rowwise import accumulation_dtype, refuse_double_backward
+from tokenloss.options import LossOptions, check_linear_inputs, prepare_targets
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "cross_entropy")
+CHUNK_BYTES = 64 * 1024 * 1024  # float32 logits of one head per chunk; the backward holds a few times this
+
+
+def _check_unit_interval(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+def _check_temperature(temperature: object) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return float(temperature)
+
+
+def _xlogy_sum(p: Tensor, log_p: Tensor, log_r: Tensor) -> Tensor:
+    """``sum p (log p - log r)`` per row, with ``0 log 0 = 0`` (no NaN from ``0 * -inf``)."""
+    return torch.where(p > 0, p * (log_p - log_r), torch.zeros_like(p)).sum(-1)
+
+
+def divergence_rows(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor | None,
+    *,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    hard_weight: float,
+) -> Tensor:
+    """The ``(n,)`` per-row losses of ``(n, V)`` logits of both heads, in the accumulation dtype (float32,
+    float64 for float64 logits). Differentiable; the module doc gives the formulas."""
+    dtype = accumulation_dtype(student_logits.dtype)
+    s = student_logits.to(dtype)
+    log_q = torch.log_softmax(s / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    if divergence == "jsd" and beta == 0.0 or divergence == "forward_kl":
+        soft = _xlogy_sum(p, log_p, log_q)
+    elif divergence == "jsd" and beta == 1.0 or divergence == "reverse_kl":
+        soft = _xlogy_sum(q, log_q, log_p)
+    elif divergence == "jsd":
+        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1.0 - beta)]), dim=0)
+        soft = beta * _xlogy_sum(p, log_p, log_m) + (1.0 - beta) * _xlogy_sum(q, log_q, log_m)
+    else:  # cross_entropy
+        soft = -torch.where(p > 0, p * log_q, torch.zeros_like(p)).sum(-1)
+    if not hard_weight:
+        return soft
+    hard = torch.logsumexp(s, dim=-1) - s.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (1.0 - hard_weight) * soft + hard_weight * hard
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def _check_finite(student: Tensor, teacher: Tensor, first_row: int) -> None:
+    for name, logits in (("student", student), ("teacher", teacher)):
+        lse = torch.logsumexp(logits.float(), dim=-1)
+        bad = ~torch.isfinite(lse)
+        if bool(bad.any()):
+            row = first_row + int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"the {name} logits contain NaN or infinite values in a counted row (first: counted row {row}); "
+                "the loss would be NaN. Fix the model's output"
+            )
+
+
+class _FusedDistillation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, chunk, config):
+        rows = hidden.shape[0]
+        losses = torch.empty(rows, dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
+        with torch.no_grad():
+            for start in range(0, rows, chunk):
+                part = slice(start, start + chunk)
+                student = _logits(hidden[part], weight, bias)
+                teacher = _logits(teacher_hidden[part], teacher_weight, teacher_bias)
+                _check_finite(student, teacher, start)
+                part_targets = targets[part] if targets is not None else None
+                losses[part] = divergence_rows(student, teacher, part_targets, **config)
+        ctx.save_for_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets)
+        ctx.chunk, ctx.config = chunk, config
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        refuse_double_backward("linear_distillation_loss")
+        hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if needs[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=accumulation_dtype(weight.dtype)) if needs[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=accumulation_dtype(bias.dtype)) if needs[2] else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            part = slice(start, start + ctx.chunk)
+            with torch.no_grad():
+                teacher = _logits(teacher_hidden[part], teacher_weight, teacher_bias)
+            with torch.enable_grad():
+                inputs = [
+                    tensor.detach().requires_grad_(need)
+                    for tensor, need in ((hidden[part], needs[0]), (weight, needs[1]), (bias, needs[2]))
+                    if tensor is not None
+                ]
+                chunk_bias = inputs[2] if bias is not None else None
+                student = _logits(inputs[0], inputs[1], chunk_bias)
+                part_targets = targets[part] if targets is not None else None
+                losses = divergence_rows(student, teacher, part_targets, **ctx.config)
+                wanted = [tensor for tensor in inputs if tensor.requires_grad]
+                grads = iter(torch.autograd.grad(losses, wanted, grad_outputs=grad_losses[part].to(losses.dtype)))
+            for tensor, need in zip(inputs, needs):
+                if not need:
+                    continue
+                grad = next(grads)
+                if tensor is inputs[0]:
+                    grad_hidden[part] = grad
+                elif tensor is inputs[1]:
+                    grad_weight += grad
+                else:
+                    grad_bias += grad
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def linear_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    targets: Tensor | None = None,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    hard_weight: float = 0.0,
+    shift: bool | int = False,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """The distillation loss between a teacher and a student, fused with both LM heads (see the module doc).
+
+    Both distributions are taken at ``temperature``; the result is *not* multiplied by
+    ``temperature ** 2``: multiply it yourself where Hinton-style scaling is wanted (it keeps the
+    gradient's size as ``temperature`` changes).
+
+    Args:
+        student_hidden: ``(..., D_s)`` the student's last hidden states (float32, bfloat16, float16, float64).
+        student_weight: ``(V, D_s)`` the student's LM head, in the dtype of ``student_hidden``.
+        teacher_hidden: ``(..., D_t)`` the teacher's, with the same leading shape (``D_t`` may differ).
+        teacher_weight: ``(V, D_t)`` the teacher's LM head: the same vocabulary ``V``.
+        targets: ``(...)`` int64 next tokens or ``ignore_index``: positions with ``ignore_index``
+            do not count; needed for ``hard_weight > 0``. None: every position counts.
+        student_bias, teacher_bias: optional ``(V,)`` biases.
+        temperature: ``T > 0``; both heads' logits are divided by it.
+        divergence: ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"`` or ``"cross_entropy"``.
+        beta: the JSD's interpolation in ``[0, 1]`` (used by ``"jsd"`` only).
+        hard_weight: ``a`` in ``[0, 1]``: ``(1 - a) * divergence + a * cross-entropy on targets``.
+        shift: ``True`` (or ``k``): position ``i`` is compared at ``targets[i + k]`` (and
+            ``mask[i + k]``); the last ``k`` positions of each sequence do not count.
+        mask: optional bool tensor shaped like the leading shape; True marks positions that count.
+        ignore_index: the target value of positions that do not count.
+        reduction: ``"mean"`` (over counted positions, of each position's divergence summed over
+            the vocabulary), ``"sum"``, or ``"none"`` (per position, 0 where it does not count,
+            shaped like the leading shape, less the shift).
+        chunk_size: rows per chunk (default: 64 MiB of float32 logits per head).
+
+    Returns:
+        A float32 tensor (float64 for float64 inputs): 0-dim for ``"mean"``/``"sum"``.
+
+    Raises:
+        TypeError, ValueError: bad shapes, dtypes or devices of either head; vocabularies that
+            differ; an unknown divergence; ``temperature`` not a finite number > 0; ``beta`` or
+            ``hard_weight`` outside ``[0, 1]``; ``hard_weight > 0`` without ``targets``; NaN or
+            infinite logits in a counted row.
+
+    Examples:
+        >>> import torch, tokenloss as tl
+        >>> student, teacher = torch.randn(4, 8, requires_grad=True), torch.randn(4, 16)
+        >>> head_s, head_t = torch.randn(10, 8, requires_grad=True), torch.randn(10, 16)
+        >>> loss = tl.linear_distillation_loss(student, head_s, teacher, head_t, temperature=2.0)
+        >>> loss.backward()
+        >>> loss.item() >= 0 and student.grad.shape == (4, 8)
+        True
+    """
+    check_linear_inputs(student_hidden, student_weight, student_bias, weight_name="student_weight",
+                        bias_name="student_bias", hidden_name="student_hidden")  # fmt: skip
+    check_linear_inputs(teacher_hidden, teacher_weight, teacher_bias, weight_name="teacher_weight",
+                        bias_name="teacher_bias", hidden_name="teacher_hidden")  # fmt: skip
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"the teacher and the student must share a vocabulary: student_weight has V = {student_weight.shape[0]} "
+            f"rows, teacher_weight has {teacher_weight.shape[0]}"
+        )
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"teacher_hidden {tuple(teacher_hidden.shape)} and student_hidden {tuple(student_hidden.shape)} must "
+            "have the same leading shape (one teacher position per student position)"
+        )
+    if teacher_hidden.device != student_hidden.device:
+        raise ValueError(f"teacher_hidden must be on the device of student_hidden ({student_hidden.device})")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
+    config = {
+        "temperature": _check_temperature(temperature),
+        "divergence": divergence,
+        "beta": _check_unit_interval("beta", beta),
+        "hard_weight": _check_unit_interval("hard_weight", hard_weight),
+    }
+    if config["hard_weight"] > 0 and targets is None:
+        raise ValueError("hard_weight > 0 mixes in the cross-entropy on targets: pass targets")
+    options = LossOptions(ignore_index=ignore_index, shift=shift, reduction=reduction, chunk_size=chunk_size)
+    leading = tuple(student_hidden.shape[:-1])
+    given = targets if targets is not None else torch.zeros(leading, dtype=torch.long, device=student_hidden.device)
+    prepared = prepare_targets(
+        leading, given, student_weight.shape[0], options, mask=mask, input_name="student_hidden",
+        device=student_hidden.device,
+    )  # fmt: skip
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    index = counted_row_index(prepared.counted)
+    rows_targets = prepared.targets
+    if index is not None:
+        hidden, teacher, rows_targets = hidden[index], teacher[index], rows_targets[index]
+    vocab = student_weight.shape[0]
+    chunk = chunk_size or max(1, CHUNK_BYTES // (4 * vocab))
+    losses = _FusedDistillation.apply(
+        hidden, student_weight, student_bias, teacher, teacher_weight.detach(),
+        teacher_bias.detach() if teacher_bias is not None else None,
+        rows_targets if config["hard_weight"] else None, chunk, config,
+    )  # fmt: skip
+    if index is not None:
+        losses = losses.new_zeros(prepared.counted.shape[0]).index_put((index,), losses)
+    return prepared.reduce(losses, options.reduction)

@@ -1,0 +1,209 @@
+"""Tests of tokenloss.linear_distillation_loss against float64 references built from full logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import tokenloss as tl
+
+V, D_STUDENT, D_TEACHER = 37, 8, 12
+
+
+def reference_rows(student_logits, teacher_logits, targets, *, temperature, divergence, beta, hard_weight):
+    """Per-row losses in float64, written with F.kl_div as TRL's generalized_jsd_loss writes them."""
+    s, t = student_logits.double(), teacher_logits.double()
+    log_q, log_p = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
+    if divergence == "forward_kl" or divergence == "jsd" and beta == 0:
+        soft = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    elif divergence == "reverse_kl" or divergence == "jsd" and beta == 1:
+        soft = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+    elif divergence == "jsd":
+        log_m = torch.logsumexp(torch.stack([log_q + math.log(1 - beta), log_p + math.log(beta)]), dim=0)
+        kl_teacher = F.kl_div(log_m, log_p, reduction="none", log_target=True).sum(-1)
+        kl_student = F.kl_div(log_m, log_q, reduction="none", log_target=True).sum(-1)
+        soft = beta * kl_teacher + (1 - beta) * kl_student
+    else:
+        soft = -(log_p.exp() * log_q).sum(-1)
+    if hard_weight:
+        hard = F.cross_entropy(s, targets.clamp(min=0), reduction="none")
+        return (1 - hard_weight) * soft + hard_weight * hard
+    return soft
+
+
+def make_inputs(leading, dtype=torch.float32, bias=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+    inputs = {
+        "student_hidden": randn(*leading, D_STUDENT).requires_grad_(),
+        "student_weight": randn(V, D_STUDENT, scale=0.7).requires_grad_(),
+        "teacher_hidden": randn(*leading, D_TEACHER),
+        "teacher_weight": randn(V, D_TEACHER, scale=0.7),
+        "student_bias": randn(V).requires_grad_() if bias else None,
+        "teacher_bias": randn(V) if bias else None,
+    }
+    targets = torch.randint(0, V, leading, generator=generator)
+    return inputs, targets
+
+
+def reference_loss(inputs, targets, *, shift=False, mask=None, ignore_index=-100, reduction="mean", **config):
+    """The full-logits float64 loss (differentiable w.r.t. the float64 copies of the student inputs)."""
+    s_h, s_w = inputs["student_hidden"].double(), inputs["student_weight"].double()
+    s_b = inputs["student_bias"].double() if inputs["student_bias"] is not None else None
+    t_b = inputs["teacher_bias"].double() if inputs["teacher_bias"] is not None else None
+    student = F.linear(s_h, s_w, s_b)
+    teacher = F.linear(inputs["teacher_hidden"].double(), inputs["teacher_weight"].double(), t_b)
+    targets = targets.clone()
+    if shift:
+        student, teacher, targets = student[..., :-1, :], teacher[..., :-1, :], targets[..., 1:]
+        mask = mask[..., 1:] if mask is not None else None
+    counted = targets != ignore_index
+    if mask is not None:
+        counted = counted & mask
+    rows = reference_rows(student.reshape(-1, V), teacher.reshape(-1, V), targets.reshape(-1), **config)
+    rows = torch.where(counted.reshape(-1), rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows.view(targets.shape)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / counted.sum().clamp(min=1)
+
+
+def student_grads(loss, inputs):
+    wanted = [inputs[name] for name in ("student_hidden", "student_weight", "student_bias") if inputs[name] is not None]
+    return torch.autograd.grad(loss, wanted)
+
+
+CONFIGS = [
+    {"divergence": "forward_kl", "temperature": 1.0, "beta": 0.5, "hard_weight": 0.0},
+    {"divergence": "forward_kl", "temperature": 2.5, "beta": 0.5, "hard_weight": 0.3},
+    {"divergence": "reverse_kl", "temperature": 0.7, "beta": 0.5, "hard_weight": 0.0},
+    {"divergence": "jsd", "temperature": 1.0, "beta": 0.5, "hard_weight": 0.0},
+    {"divergence": "jsd", "temperature": 2.0, "beta": 0.1, "hard_weight": 0.5},
+    {"divergence": "jsd", "temperature": 1.0, "beta": 0.0, "hard_weight": 0.0},
+    {"divergence": "jsd", "temperature": 1.0, "beta": 1.0, "hard_weight": 0.0},
+    {"divergence": "cross_entropy", "temperature": 3.0, "beta": 0.5, "hard_weight": 1.0},
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_value_and_student_gradients_equal_float64(config, reduction):
+    inputs, targets = make_inputs((3, 7))
+    targets[0, 2] = targets[2, 5] = -100
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 3] = False
+    options = {"reduction": reduction, "mask": mask, "shift": True}
+    loss = tl.linear_distillation_loss(**inputs, targets=targets, chunk_size=4, **options, **config)
+    expected = reference_loss(inputs, targets, **options, **config)
+    assert loss.dtype == torch.float32 and loss.shape == expected.shape
+    assert_close(loss.double(), expected, rtol=2e-5, atol=2e-6)
+    upstream = torch.rand(expected.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = student_grads((loss.double() * upstream).sum(), inputs)
+    want = student_grads((expected * upstream).sum(), inputs)
+    for g, w in zip(got, want):
+        assert_close(g.double(), w.double(), rtol=2e-5, atol=2e-6)
+
+
+def test_without_targets_every_position_counts():
+    inputs, _ = make_inputs((5, 4), bias=False)
+    loss = tl.linear_distillation_loss(**inputs, divergence="reverse_kl", temperature=1.5)
+    everything = torch.zeros(5, 4, dtype=torch.long)
+    config = {"divergence": "reverse_kl", "temperature": 1.5, "beta": 0.5, "hard_weight": 0.0}
+    assert_close(loss.double(), reference_loss(inputs, everything, **config), rtol=2e-5, atol=2e-6)
+
+
+def test_the_teacher_gets_no_gradient_and_chunks_do_not_matter():
+    inputs, targets = make_inputs((2, 9))
+    inputs["teacher_hidden"].requires_grad_()
+    whole = tl.linear_distillation_loss(**inputs, targets=targets, divergence="jsd")
+    chunked = tl.linear_distillation_loss(**inputs, targets=targets, divergence="jsd", chunk_size=1)
+    assert_close(chunked, whole, rtol=1e-6, atol=1e-7)
+    whole.backward()
+    assert inputs["teacher_hidden"].grad is None and inputs["student_hidden"].grad is not None
+
+
+def test_identical_distributions_give_zero_divergence():
+    inputs, _ = make_inputs((4,), bias=False)
+    same = {**inputs, "teacher_hidden": inputs["student_hidden"].detach(), "teacher_weight": inputs["student_weight"]}
+    for divergence in ("forward_kl", "reverse_kl", "jsd"):
+        loss = tl.linear_distillation_loss(**same, divergence=divergence)
+        assert abs(loss.item()) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_other_dtypes_track_float64(dtype):
+    inputs, targets = make_inputs((2, 6), dtype=dtype)
+    config = {"divergence": "jsd", "temperature": 2.0, "beta": 0.3, "hard_weight": 0.2}
+    loss = tl.linear_distillation_loss(**inputs, targets=targets, **config)
+    expected = reference_loss(inputs, targets, **config)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tolerance = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 3e-2, "atol": 3e-3}
+    assert_close(loss.double(), expected, **tolerance)
+    grad = student_grads(loss, inputs)[0]
+    assert grad.dtype == dtype
+    assert_close(grad.double(), student_grads(expected, inputs)[0].double(), **tolerance)
+
+
+def test_no_counted_position_gives_zero_and_zero_gradients():
+    inputs, targets = make_inputs((2, 3))
+    loss = tl.linear_distillation_loss(**inputs, targets=torch.full_like(targets, -100))
+    loss.backward()
+    assert loss.item() == 0.0 and not inputs["student_hidden"].grad.any()
+
+
+def test_matches_trl_generalized_jsd_when_installed():
+    """TRL's own GKD loss on the same full logits (skipped when TRL is not installed)."""
+    trl = pytest.importorskip("trl")
+    trainer = getattr(trl, "GKDTrainer", None)
+    if trainer is None:
+        trainer = getattr(pytest.importorskip("trl.experimental.gkd"), "GKDTrainer")
+    inputs, targets = make_inputs((2, 5))
+    student = F.linear(inputs["student_hidden"], inputs["student_weight"], inputs["student_bias"])
+    teacher = F.linear(inputs["teacher_hidden"], inputs["teacher_weight"], inputs["teacher_bias"])
+    for beta in (0.0, 0.4, 1.0):
+        theirs = trainer.generalized_jsd_loss(student, teacher, labels=targets, beta=beta, temperature=2.0)
+        ours = tl.linear_distillation_loss(**inputs, targets=targets, divergence="jsd", beta=beta, temperature=2.0)
+        assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"teacher_weight": torch.randn(V + 1, D_TEACHER)}, ValueError, "share a vocabulary"),
+        ({"teacher_hidden": torch.randn(3, D_TEACHER)}, ValueError, "same leading shape"),
+        ({"divergence": "kl"}, ValueError, "divergence must be one of forward_kl, reverse_kl, jsd"),
+        ({"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
+        ({"temperature": math.nan}, ValueError, "temperature must be a finite number > 0"),
+        ({"temperature": "1"}, TypeError, "temperature must be a number"),
+        ({"beta": 1.5}, ValueError, r"beta must be in \[0, 1\]"),
+        ({"hard_weight": -0.1}, ValueError, r"hard_weight must be in \[0, 1\]"),
+        ({"hard_weight": 0.5, "targets": None}, ValueError, "pass targets"),
+        ({"student_weight": torch.randn(V, D_STUDENT + 1)}, ValueError, "student_weight must have shape"),
+        ({"teacher_hidden": torch.randn(2, 4, D_TEACHER).double()}, TypeError, "teacher_weight must have the dtype"),
+        ({"reduction": "avg"}, ValueError, "reduction"),
+    ],
+)
+def test_bad_input_is_named(change, error, match):
+    inputs, targets = make_inputs((2, 4), bias=False)
+    arguments = {**inputs, "targets": targets, **change}
+    with pytest.raises(error, match=match):
+        tl.linear_distillation_loss(**arguments)
+
+
+@pytest.mark.parametrize("head", ["student", "teacher"])
+def test_nan_in_a_counted_row_raises(head):
+    inputs, targets = make_inputs((2, 4), bias=False)
+    inputs[f"{head}_hidden"] = inputs[f"{head}_hidden"].detach().clone()
+    inputs[f"{head}_hidden"][1, 2, 0] = math.nan
+    with pytest.raises(ValueError, match=f"the {head} logits contain NaN"):
+        tl.linear_distillation_loss(**inputs, targets=targets)
+    targets[1, 2] = -100  # the same row, not counted: fine
+    assert torch.isfinite(tl.linear_distillation_loss(**inputs, targets=targets))
