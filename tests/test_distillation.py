@@ -164,7 +164,7 @@ def test_matches_trl_generalized_jsd_when_installed():
     trl = pytest.importorskip("trl")
     trainer = getattr(trl, "GKDTrainer", None)
     if trainer is None:
-        trainer = getattr(pytest.importorskip("trl.experimental.gkd"), "GKDTrainer")
+        trainer = pytest.importorskip("trl.experimental.gkd").GKDTrainer
     inputs, targets = make_inputs((2, 5))
     student = F.linear(inputs["student_hidden"], inputs["student_weight"], inputs["student_bias"])
     teacher = F.linear(inputs["teacher_hidden"], inputs["teacher_weight"], inputs["teacher_bias"])
