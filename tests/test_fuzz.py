@@ -51,8 +51,12 @@ def cases(draw, *, valid: bool):
     if draw(st.booleans()):
         extras["token_weights"] = torch.rand(batch, length, generator=gen, dtype=torch.float64) * 3 - 1
     extras["num_items"] = draw(st.sampled_from([None, 1, 2.5, 7, torch.tensor(3.0)]))
+    if draw(st.booleans()):  # per-class weights (PyTorch's weight), some of them 0
+        extras["weight"] = torch.rand(vocab, generator=gen, dtype=torch.float64).mul_(2).sub_(0.2).clamp_(min=0)
     if not valid:
-        corruption = draw(st.sampled_from(["nan", "inf", "-inf", "target", "num_items", "weights", "options"]))
+        corruption = draw(
+            st.sampled_from(["nan", "inf", "-inf", "target", "num_items", "weights", "class_weights", "options"])
+        )
         if corruption in ("nan", "inf", "-inf") and logits.numel():
             flat = logits.view(-1)
             flat[draw(st.integers(0, flat.numel() - 1))] = float(corruption)
@@ -64,6 +68,10 @@ def cases(draw, *, valid: bool):
             weights = extras.get("token_weights", torch.ones(batch, length, dtype=torch.float64)).clone()
             weights.view(-1)[0] = draw(st.sampled_from([math.nan, math.inf]))
             extras["token_weights"] = weights
+        elif corruption == "class_weights":
+            extras["weight"] = draw(
+                st.sampled_from([torch.full((vocab,), -1.0), torch.full((vocab,), math.nan), torch.ones(vocab + 1)])
+            ).double()
         elif corruption == "options":
             name, value = draw(
                 st.sampled_from(
@@ -95,6 +103,7 @@ def _call(entry, logits, targets, options, extras):
         value = tl.cross_entropy(leaf, targets, **options, **extras)
     else:
         eye = torch.eye(logits.shape[-1], dtype=logits.dtype)
+        extras = {("class_weight" if k == "weight" else k): v for k, v in extras.items()}  # weight is the head
         value = tl.linear_cross_entropy(leaf, eye, targets, **options, **extras)
     return value, leaf
 

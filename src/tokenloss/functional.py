@@ -8,10 +8,21 @@ import torch
 from torch import Tensor
 
 from tokenloss.ops import resolve_impl
-from tokenloss.options import LossOptions, check_linear_inputs, check_logits, prepare_targets, takes_loss_options
+from tokenloss.options import (
+    LossOptions,
+    check_class_weight,
+    check_linear_inputs,
+    check_logits,
+    prepare_targets,
+    takes_loss_options,
+)
 
 
-def _rows_module(impl: str, device: torch.device):
+def _rows_module(impl: str, device: torch.device, *, class_weights: bool = False, name: str = "weight"):
+    if class_weights:  # the Triton kernels subtract a constant for label smoothing, not a vector
+        if impl == "triton":
+            raise ValueError(f"{name} (per-class weights) runs on the torch implementation: use impl='auto' or 'torch'")
+        impl = "torch"
     name = resolve_impl(impl, device)
     return importlib.import_module("tokenloss.ops.triton" if name == "triton" else "tokenloss.ops")
 
@@ -24,6 +35,7 @@ def cross_entropy(
     mask: Tensor | None = None,
     token_weights: Tensor | None = None,
     num_items: int | float | Tensor | None = None,
+    weight: Tensor | None = None,
     options: LossOptions,
     impl: str = "auto",
     inplace_backward: bool = False,
@@ -55,6 +67,12 @@ def cross_entropy(
         num_items: for ``"mean"``, divide the sum by this instead of the local count: the global
             number of counted tokens across gradient-accumulation steps or ranks
             (:func:`tokenloss.distributed.global_num_items`).
+        weight: optional ``(V,)`` per-class weights, finite and >= 0, exactly as PyTorch's ``weight``:
+            a position's cross-entropy term is ``(1 - eps) * w_t * (-log p_t) + eps / V * sum_j w_j (-log p_j)``
+            and ``"mean"`` divides by the summed ``w_t`` of the counted targets (unless ``num_items``);
+            for probability targets the loss is ``-sum_j w_j q_j log p_j`` and the mean divides by the
+            number of counted positions. It multiplies neither the z-loss term nor the focal factor.
+            Runs on the torch implementation.
         impl: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`tokenloss.ops`).
         inplace_backward: write the gradient into ``logits``' storage in the backward pass
             (saves one ``(N, V)`` tensor; ``logits`` is overwritten, so use it only when nothing
@@ -81,7 +99,7 @@ def cross_entropy(
     check_logits(logits)
     if isinstance(targets, Tensor) and targets.dtype.is_floating_point:
         return _probability_cross_entropy(
-            logits, targets, mask, token_weights, num_items, options, impl, inplace_backward
+            logits, targets, mask, token_weights, num_items, weight, options, impl, inplace_backward
         )
     if inplace_backward and torch._debug_has_internal_overlap(logits) != 0:
         raise ValueError(
@@ -98,15 +116,19 @@ def cross_entropy(
         mask=mask,
         token_weights=token_weights,
         num_items=num_items,
+        class_weight=weight,
         device=logits.device,
     )
-    rows = _rows_module(impl, logits.device).cross_entropy_rows(
+    module = _rows_module(impl, logits.device, class_weights=weight is not None)
+    extra = {} if weight is None else {"class_weights": prepared.class_weights}
+    rows = module.cross_entropy_rows(
         logits.reshape(-1, vocab_size),
         prepared.targets,
         prepared.weights,
         prepared.counted,
         options,
         inplace_backward=inplace_backward,
+        **extra,
     )
     return prepared.reduce(rows, options.reduction)
 
@@ -121,6 +143,7 @@ def linear_cross_entropy(
     mask: Tensor | None = None,
     token_weights: Tensor | None = None,
     num_items: int | float | Tensor | None = None,
+    class_weight: Tensor | None = None,
     options: LossOptions,
     impl: str = "auto",
 ) -> Tensor:
@@ -141,6 +164,8 @@ def linear_cross_entropy(
         bias: optional ``(V,)``; same dtype and device.
         mask, token_weights, num_items: as in :func:`cross_entropy`; ``shift`` shifts along
             ``hidden``'s second-to-last dimension and ``targets``' last.
+        class_weight: optional ``(V,)`` per-class weights: :func:`cross_entropy`'s ``weight`` (here
+            ``weight`` is the LM head).
         impl: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`tokenloss.ops`).
         **options: the loss options listed below; ``chunk_size=None`` picks the rows per chunk from
             N, V and the free memory (:func:`tokenloss.ops.linear_cross_entropy.fused_chunk_rows`).
@@ -170,12 +195,13 @@ def linear_cross_entropy(
         mask=mask,
         token_weights=token_weights,
         num_items=num_items,
+        class_weight=class_weight,
+        class_weight_name="class_weight",
         input_name="hidden",
         device=hidden.device,
     )
-    loss = _rows_module(impl, hidden.device).linear_cross_entropy_loss(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, prepared, options
-    )
+    module = _rows_module(impl, hidden.device, class_weights=class_weight is not None, name="class_weight")
+    loss = module.linear_cross_entropy_loss(hidden.reshape(-1, hidden.shape[-1]), weight, bias, prepared, options)
     return prepared.reduce(loss, "none") if options.reduction == "none" else loss
 
 
@@ -185,6 +211,7 @@ def _probability_cross_entropy(
     mask: Tensor | None,
     token_weights: Tensor | None,
     num_items: int | float | Tensor | None,
+    weight: Tensor | None,
     options: LossOptions,
     impl: str,
     inplace_backward: bool,
@@ -227,7 +254,14 @@ def _probability_cross_entropy(
         kept = max(length - steps, 0)
         pad = torch.zeros_like(probs[..., : length - kept, :])
         probs = torch.cat([probs[..., length - kept :, :], pad], dim=-2)
+    if weight is not None:
+        weight = check_class_weight(weight, vocab_size, logits.device, options.check_inputs)
     rows = soft_cross_entropy_rows(
-        logits.reshape(-1, vocab_size), probs.reshape(-1, vocab_size), prepared.weights, prepared.counted, options
+        logits.reshape(-1, vocab_size),
+        probs.reshape(-1, vocab_size),
+        prepared.weights,
+        prepared.counted,
+        options,
+        class_weight=weight,
     )
     return prepared.reduce(rows, options.reduction)

@@ -12,7 +12,8 @@ class CrossEntropyLoss(nn.Module):
     """Module form of :func:`tokenloss.cross_entropy`: same options, same order, same meaning.
 
     The constructor takes the options (each :class:`~tokenloss.options.LossOptions` field, plus
-    ``impl`` and ``inplace_backward``) and checks them at once; ``forward`` takes the per-batch
+    ``impl``, ``inplace_backward`` and the per-class ``weight``, kept as a buffer that moves with
+    ``.to()``, as in ``nn.CrossEntropyLoss``) and checks them at once; ``forward`` takes the per-batch
     tensors (``logits``, ``targets`` and optionally ``mask``, ``token_weights``, ``num_items``).
 
     Examples:
@@ -23,9 +24,17 @@ class CrossEntropyLoss(nn.Module):
     """
 
     @takes_loss_options
-    def __init__(self, *, options: LossOptions, impl: str = "auto", inplace_backward: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        weight: Tensor | None = None,
+        options: LossOptions,
+        impl: str = "auto",
+        inplace_backward: bool = False,
+    ) -> None:
         super().__init__()
         self.options, self.impl, self.inplace_backward = options, impl, inplace_backward
+        _register_class_weight(self, "weight", weight)
 
     def forward(
         self,
@@ -42,6 +51,7 @@ class CrossEntropyLoss(nn.Module):
             mask=mask,
             token_weights=token_weights,
             num_items=num_items,
+            weight=self.weight,
             options=self.options,
             impl=self.impl,
             inplace_backward=self.inplace_backward,
@@ -55,8 +65,8 @@ class LinearCrossEntropyLoss(nn.Module):
     """Module form of :func:`tokenloss.linear_cross_entropy`: same options, same order, same meaning.
 
     The constructor takes the options (each :class:`~tokenloss.options.LossOptions` field, plus
-    ``impl``); ``forward`` takes the per-batch tensors (``hidden`` ``(..., D)``, ``weight``
-    ``(V, D)``, ``targets`` and optionally ``bias``, ``mask``, ``token_weights``, ``num_items``).
+    ``impl`` and the per-class ``class_weight``, a buffer); ``forward`` takes the per-batch tensors
+    (``hidden`` ``(..., D)``, ``weight`` ``(V, D)``, ``targets`` and optionally ``bias``, ``mask``, ``token_weights``, ``num_items``).
     The module holds no parameters: pass the LM head's weight.
 
     Examples:
@@ -67,9 +77,10 @@ class LinearCrossEntropyLoss(nn.Module):
     """
 
     @takes_loss_options
-    def __init__(self, *, options: LossOptions, impl: str = "auto") -> None:
+    def __init__(self, *, class_weight: Tensor | None = None, options: LossOptions, impl: str = "auto") -> None:
         super().__init__()
         self.options, self.impl = options, impl
+        _register_class_weight(self, "class_weight", class_weight)
 
     def forward(
         self,
@@ -90,12 +101,22 @@ class LinearCrossEntropyLoss(nn.Module):
             mask=mask,
             token_weights=token_weights,
             num_items=num_items,
+            class_weight=self.class_weight,
             options=self.options,
             impl=self.impl,
         )
 
     def extra_repr(self) -> str:
         return _repr(self.options, impl=self.impl)
+
+
+def _register_class_weight(module: nn.Module, name: str, weight: Tensor | None) -> None:
+    """Keeps per-class weights as a buffer (None allowed), after checking that they are a 1-D floating tensor."""
+    bad = not isinstance(weight, Tensor) or not weight.dtype.is_floating_point or weight.ndim != 1
+    if weight is not None and bad:
+        got = f"{weight.dtype} of shape {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
+        raise TypeError(f"{name} must be a 1-D floating tensor of per-class weights (V,), got {got}")
+    module.register_buffer(name, weight)
 
 
 def _repr(options: LossOptions, **extra: object) -> str:

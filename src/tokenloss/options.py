@@ -171,6 +171,23 @@ def takes_loss_options(function):
 
 
 @dataclass
+class ClassWeights:
+    """Per-class weights (PyTorch's ``weight``) as the per-row math needs them.
+
+    Attributes:
+        weight: ``(V,)`` the weights of the classes.
+        of_target: ``(N,)`` the weight of each row's target class (0 where the row does not count).
+    """
+
+    weight: Tensor
+    of_target: Tensor
+
+    def rows(self, index: slice | Tensor) -> ClassWeights:
+        """The same weights for a subset of the rows."""
+        return ClassWeights(self.weight, self.of_target[index])
+
+
+@dataclass
 class PreparedTargets:
     """Targets flattened to rows, with everything the per-row math needs.
 
@@ -180,6 +197,8 @@ class PreparedTargets:
             the token weight (or 1) otherwise.
         counted: ``(N,)`` bool; True where the row counts.
         denominator: 0-dim float32 tensor that the summed loss is divided by for ``"mean"``.
+        class_weights: the per-class weights and each row's target's weight
+            (:class:`ClassWeights`), or None.
         out_shape: shape of the ``"none"`` result (the targets' shape after the shift).
         rows_shape: the targets' shape before the shift: the rows are laid out in it, and the
             last ``shift`` positions of each sequence (which never count) are cut from a
@@ -192,6 +211,7 @@ class PreparedTargets:
     denominator: Tensor
     out_shape: tuple[int, ...]
     rows_shape: tuple[int, ...]
+    class_weights: ClassWeights | None = None
 
     def reduce(self, row_losses: Tensor, reduction: str) -> Tensor:
         """Turns ``(N,)`` float32 per-row losses into the requested reduction."""
@@ -280,6 +300,8 @@ def prepare_targets(
     mask: Tensor | None = None,
     token_weights: Tensor | None = None,
     num_items: int | float | Tensor | None = None,
+    class_weight: Tensor | None = None,
+    class_weight_name: str = "weight",
     input_name: str = "logits",
     device: torch.device | None = None,
 ) -> PreparedTargets:
@@ -296,6 +318,10 @@ def prepare_targets(
         token_weights: optional floating tensor shaped like ``targets``; finite where a position
             counts (checked unless ``options.check_inputs`` is False).
         num_items: optional count that the summed loss is divided by for ``"mean"``.
+        class_weight: optional ``(V,)`` floating tensor of per-class weights, finite and >= 0 (as
+            PyTorch's ``weight``): without ``num_items`` the mean divides by the summed class
+            weights of the counted targets.
+        class_weight_name: its name in error messages.
         input_name: the name of the input in error messages.
         device: the input's device; every tensor argument must be on it (None: not checked).
 
@@ -377,11 +403,42 @@ def prepare_targets(
                 "(pass check_inputs=False to skip this check)"
             )
 
-    if num_items is None:
-        denominator = counted.sum().clamp(min=1).float()
-    else:
+    class_weights = None
+    if class_weight is not None:
+        class_weight = check_class_weight(class_weight, vocab_size, device, options.check_inputs, class_weight_name)
+        of_target = torch.where(counted, class_weight[safe_targets], torch.zeros_like(class_weight[:1]))
+        class_weights = ClassWeights(class_weight, of_target)
+    if num_items is not None:
         denominator = _num_items_tensor(num_items, counted, options.check_inputs)
-    return PreparedTargets(safe_targets, weights, counted, denominator, out_shape, rows_shape)
+    elif class_weights is not None:  # PyTorch's weighted mean; 1 where the weights sum to 0
+        total = class_weights.of_target.sum()
+        denominator = torch.where(total > 0, total, torch.ones_like(total))
+    else:
+        denominator = counted.sum().clamp(min=1).float()
+    return PreparedTargets(safe_targets, weights, counted, denominator, out_shape, rows_shape, class_weights)
+
+
+def check_class_weight(
+    class_weight: Tensor, vocab_size: int | None, device: torch.device | None, check_values: bool, name: str = "weight"
+) -> Tensor:
+    """The per-class weights as a ``(V,)`` float32 tensor (float64 for float64 weights).
+
+    Raises:
+        TypeError: not a floating tensor.
+        ValueError: not shaped ``(V,)``, on another device, or (``check_values``) NaN, inf or negative.
+    """
+    if not isinstance(class_weight, Tensor) or not class_weight.dtype.is_floating_point:
+        got = class_weight.dtype if isinstance(class_weight, Tensor) else type(class_weight).__name__
+        raise TypeError(f"{name} must be a floating tensor of per-class weights, got {got}")
+    if vocab_size is None:
+        raise ValueError(f"{name} (per-class weights) is not supported here")
+    if tuple(class_weight.shape) != (vocab_size,):
+        raise ValueError(f"{name} must have shape (V,) = ({vocab_size},), got {tuple(class_weight.shape)}")
+    if device is not None and class_weight.device != device:
+        raise ValueError(f"{name} must be on the device of the inputs ({device}), got {class_weight.device}")
+    if check_values and not bool((torch.isfinite(class_weight) & (class_weight >= 0)).all()):
+        raise ValueError(f"{name} must be finite and >= 0 for every class (pass check_inputs=False to skip this check)")
+    return class_weight.to(torch.float64 if class_weight.dtype == torch.float64 else torch.float32)
 
 
 def check_target_range(targets: Tensor, counted: Tensor, vocab_size: int, ignore_index: int, where: str = "") -> None:

@@ -9,11 +9,13 @@ For one position with logits ``x`` (shape ``(V,)``) and target ``t``:
     log_p  = z - logsumexp(z)                        (log-softmax, computed stably)
     nll    = -log_p[t]                               (the cross-entropy)
     ce     = (1 - eps) * nll + eps * mean_j(-log_p[j])   (label smoothing, as PyTorch defines it)
+             (with per-class weights w: (1 - eps) * w[t] * nll + eps * mean_j(-w[j] * log_p[j]))
     focal  = (1 - p[t]) ** gamma                     (focal loss; 1 when gamma = 0)
     loss   = weight * (focal * ce + z_loss * logsumexp(z) ** 2)
 
-and the batch loss is the sum over positions that count, divided by their number (``"mean"``),
-or by ``num_items`` when it is given. A position counts when its target is not ``ignore_index``
+and the batch loss is the sum over positions that count, divided by their number (``"mean"``;
+with per-class weights, by the sum of ``w[t]`` over them, as PyTorch divides), or by ``num_items``
+when it is given. A position counts when its target is not ``ignore_index``
 and its mask (if any) is True.
 """
 
@@ -33,6 +35,7 @@ def reference_cross_entropy(
     mask: Tensor | None = None,
     token_weights: Tensor | None = None,
     num_items: int | Tensor | None = None,
+    weight: Tensor | None = None,
     options: LossOptions,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
@@ -41,7 +44,7 @@ def reference_cross_entropy(
     Args:
         logits: ``(..., V)`` floating tensor.
         targets: ``(...)`` integer tensor, same leading shape as ``logits``.
-        mask, token_weights, num_items: as in :func:`tokenloss.cross_entropy`.
+        mask, token_weights, num_items, weight: as in :func:`tokenloss.cross_entropy` (class-index targets).
         dtype: the dtype of the computation and of the result.
         **options: the loss options listed below (``check_inputs`` and ``chunk_size`` are ignored).
 
@@ -71,10 +74,11 @@ def reference_cross_entropy(
 
     log_p = torch.log_softmax(x, dim=-1)
     log_p_target = log_p.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    class_weight = torch.ones(vocab_size, dtype=dtype) if weight is None else weight.to(dtype)
     nll = -log_p_target
-    ce = nll
+    ce = nll if weight is None else class_weight[safe_targets] * nll
     if label_smoothing:  # (skipped at 0: 0 * inf would turn a -inf logit into a NaN)
-        ce = (1 - label_smoothing) * nll + label_smoothing * (-log_p.sum(-1) / vocab_size)
+        ce = (1 - label_smoothing) * ce + label_smoothing * (-(log_p * class_weight).sum(-1) / vocab_size)
     if focal_gamma:
         ce = (1 - log_p_target.exp()) ** focal_gamma * ce
     loss = ce + z_loss * torch.logsumexp(x, dim=-1) ** 2
@@ -86,7 +90,10 @@ def reference_cross_entropy(
         return loss
     if reduction == "sum":
         return loss.sum()
-    if num_items is None:
+    if num_items is None and weight is not None:
+        denominator = torch.where(counts, class_weight[safe_targets], 0.0).sum()
+        denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    elif num_items is None:
         denominator = counts.sum().clamp(min=1)
     else:  # exactly num_items; 0 only when nothing counts anywhere, where the sum is 0
         denominator = torch.as_tensor(num_items, dtype=dtype)

@@ -122,6 +122,32 @@ def test_token_statistics_match_float64(dtype, shape, scale, top_k, make_logits,
     assert stats.vocab_size == shape[-1]
 
 
+@pytest.mark.parametrize("block_rows, block_columns", [(1, 1), (2, 3), (4, 5), (128, 4096)])
+@pytest.mark.parametrize("top_k", [0, 1, 7])
+def test_token_statistics_blocks_combine_exactly(block_rows, block_columns, top_k, monkeypatch):
+    """The statistics of rows cut into blocks of rows and columns equal the float64 whole-row ones: with
+    ties across blocks, a block of only -inf logits, top-k spread over blocks, and k wider than a block."""
+    monkeypatch.setattr(metrics, "_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(metrics, "_BLOCK_COLUMNS", block_columns)
+    logits = random_logits((9, 13), torch.float32, 4.0)
+    logits[0] = 0.0  # every class ties with the target
+    logits[1, :6] = -math.inf  # whole blocks of -inf (for widths up to 5)
+    logits[2, [1, 6, 11]] = logits[2, 3].item()  # ties with the target in other blocks
+    targets = torch.tensor([4, 8, 3, 0, 12, 5, 6, 7, 2])
+    stats = metrics.token_statistics(logits, targets, top_k=top_k)
+    log_p, _, rank, confidence = reference_statistics(logits, targets)
+    p64 = torch.softmax(logits.double(), -1)
+    entropy = -torch.where(p64 > 0, p64 * p64.log(), 0.0).sum(-1)
+    tol = {"rtol": 2e-5, "atol": 2e-6}
+    assert_close(stats.log_prob.double(), log_p, **tol)
+    assert_close(stats.entropy.double(), entropy, **tol)
+    assert_close(stats.confidence.double(), confidence, **tol)
+    assert torch.equal(stats.rank, rank)
+    top = p64.topk(top_k, -1)
+    assert_close(stats.top_probs.double(), top.values, **tol)
+    assert torch.equal(p64.gather(-1, stats.top_ids), top.values)  # the ids name those probabilities
+
+
 def test_token_statistics_log_prob_is_the_library_loss():
     """The log-probability is bit for bit -tl.cross_entropy(reduction="none"), and -inf logits are handled."""
     logits = random_logits((4, 9), torch.float32, 5.0)

@@ -64,6 +64,41 @@ def test_adapter_reads_model_and_tokenizer(model_dir):
     assert out.shape == (1, 5, lm.vocab_size) and out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)])
+def test_logits_into_a_buffer_equal_the_model_logits(model_dir, dtype, tol):
+    """With ``out=``, the head is applied to the base model's hidden state, written into the buffer: the
+    same logits as the model's forward (bf16: bit for bit, the same bf16 product cast to float32)."""
+    lm = load_model(model_dir, dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+    ids = torch.tensor([lm.encode(ZEN)[:40], lm.encode(ZEN)[40:80]])  # (2, 40)
+    buffer = torch.full((2 * 40 * lm.vocab_size + 7,), math.nan)
+    got = lm.logits(ids, out=buffer)
+    assert lm._head() is not None and got.data_ptr() == buffer.data_ptr()
+    assert got.shape == (2, 40, lm.vocab_size) and got.dtype == torch.float32
+    assert_close(got, lm.logits(ids), rtol=tol, atol=tol)
+
+
+def test_a_head_with_logits_transformed_after_it_keeps_the_full_forward(tiny_hf_dir):
+    """Gemma 2 soft-caps its logits after the head: the probe finds the difference, and the logits come
+    from the model's own forward, buffer or not."""
+    config = transformers.Gemma2Config(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=32, final_logit_softcapping=0.5,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(config)
+    torch.nn.init.normal_(model.lm_head.weight, std=2.0)  # logits well beyond the cap
+    from tokenloss.models.hf import HFCausalLM
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_hf_dir("llama"), local_files_only=True)
+    lm = HFCausalLM(model, tokenizer, name="gemma2")
+    ids = torch.tensor([[1, 5, 9, 12, 3, 7]])
+    got = lm.logits(ids, out=torch.empty(6 * 50))
+    assert lm._head() is None
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.float()
+    assert got.abs().max() <= 0.5 and torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("stride", [1, 7, 63])
 def test_scores_equal_transformers_full_pass(model_dir, stride):
     """With BOS (the default here) every token is scored, and a fitting text matches one transformers pass."""

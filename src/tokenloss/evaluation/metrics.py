@@ -30,21 +30,17 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from tokenloss.ops.rowwise import check_finite_rows
+from tokenloss.ops.rowwise import check_finite_rows, finite_shift
 from tokenloss.options import check_target_range
 
 LN2 = math.log(2.0)
 DEFAULT_BINS = 15
 DEFAULT_TOP_K = (1, 5)
-
-# Rows per chunk in token_statistics: bounds the float32 copies of the logits it makes.
-_CHUNK_ELEMENTS = 1 << 22
 
 
 def _exp(value: float | Tensor) -> float | Tensor:
@@ -276,22 +272,11 @@ def _flatten(logits: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor
     return rows, flat_targets
 
 
-_WORKSPACE = threading.local()
-
-
-def _workspace(rows: int, vocab_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Three ``(rows, V)`` float32 scratch buffers, kept between calls on the CPU (a fresh multi-megabyte
-    tensor costs its page faults every time: more than the arithmetic done in it)."""
-    if device.type != "cpu":
-        return tuple(torch.empty(rows, vocab_size, device=device) for _ in range(3))
-    size = rows * vocab_size
-    # A tensor made under inference_mode may not be written outside it: one buffer per mode.
-    attribute = "inference_buffer" if torch.is_inference_mode_enabled() else "buffer"
-    cached = getattr(_WORKSPACE, attribute, None)
-    if cached is None or cached.numel() < 3 * size:
-        cached = torch.empty(3 * size)
-        setattr(_WORKSPACE, attribute, cached)
-    return tuple(cached[i * size : (i + 1) * size].view(rows, vocab_size) for i in range(3))
+# Rows and columns of one block in token_statistics: a (128, 4096) float32 block is 2 MiB, so the
+# several passes over it hit the cache instead of memory (measured on (1024, 50257) logits with 2
+# threads: 0.15 s blocked, 0.21 s in whole-row chunks; log_softmax + gather alone takes 0.12 s).
+_BLOCK_ROWS = 128
+_BLOCK_COLUMNS = 4096
 
 
 def token_statistics(
@@ -303,14 +288,17 @@ def token_statistics(
 ) -> TokenStatistics:
     """Log-probability, rank, entropy and top-k of each prediction; positions with ``ignore_index`` dropped.
 
-    Every statistic comes from one pass over a chunk of rows in float32 (no ``(N, V)`` float32 copy
-    of a large batch at once): the row max, ``exp`` of the logits less it and its sum give the
-    log-probability (``-tokenloss.cross_entropy(logits, targets, reduction="none")`` to float32
-    rounding), the entropy (as a dot product) and the top-1 probability; one comparison gives the
-    rank. No shift: row ``i`` of ``logits`` predicts ``targets[i]``.
+    Every statistic comes from one pass over the logits in float32, block by block: each block of
+    rows and columns gives its maximum, the sum of ``exp`` of its logits less that maximum, the dot
+    product of those exponentials with the shifted logits (for the entropy), and how many of its
+    logits exceed (or tie) the target's (for the rank). The blocks of a row are then combined as an
+    online softmax does. The log-probability equals
+    ``-tokenloss.cross_entropy(logits, targets, reduction="none")`` to float32 rounding. No shift:
+    row ``i`` of ``logits`` predicts ``targets[i]``.
 
     Args:
-        logits: ``(..., V)`` float32, bfloat16, float16 or float64.
+        logits: ``(..., V)`` float32, bfloat16, float16 or float64 (any strides: only blocks of it
+            are read, never copied whole).
         targets: ``(...)`` integer class indices in ``[0, V)`` or ``ignore_index``.
         top_k: how many most likely classes to keep per row (clamped to V; 0 keeps none, for a summary).
         ignore_index: target value of positions to leave out.
@@ -321,54 +309,77 @@ def token_statistics(
     Raises:
         TypeError: logits not floating, targets not integer.
         ValueError: shapes that do not match, a target outside ``[0, V)``, non-finite logits
-            in a kept row (from :func:`tokenloss.cross_entropy`).
+            in a kept row.
     """
     rows, flat_targets = _flatten(logits, targets, ignore_index)
     n_rows, vocab_size = rows.shape
+    device = rows.device
     k = max(0, min(int(top_k), vocab_size))
-    counted = torch.ones(n_rows, dtype=torch.bool, device=rows.device)
+    counted = torch.ones(n_rows, dtype=torch.bool, device=device)
     check_target_range(flat_targets, counted, vocab_size, ignore_index)
-    log_prob = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
-    rank = torch.empty(n_rows, dtype=torch.int64, device=rows.device)
-    entropy = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
-    confidence = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
-    top_probs = torch.empty(n_rows, k, dtype=torch.float32, device=rows.device)
-    top_ids = torch.empty(n_rows, k, dtype=torch.int64, device=rows.device)
-    chunk = max(1, _CHUNK_ELEMENTS // vocab_size)
-    shifted_buffer, weights_buffer, flags_buffer = _workspace(min(chunk, n_rows), vocab_size, rows.device)
-    for start in range(0, n_rows, chunk):
-        part = slice(start, start + chunk)
-        x = rows[part].float()  # (n, V) float32 (the rows themselves when they are float32: never written)
-        n = x.shape[0]
-        shifted, weights, flags = shifted_buffer[:n], weights_buffer[:n], flags_buffer[:n]
-        target = flat_targets[part].unsqueeze(-1)  # (n, 1)
-        top = x.amax(-1, keepdim=True)  # (n, 1)
-        torch.sub(x, top, out=shifted)  # at most 0
-        torch.exp(shifted, out=weights)  # p * sum
-        total = weights.sum(-1)  # (n,)
-        log_total = total.log()
-        lse[part] = top.squeeze(-1) + log_total
-        target_logit = x.gather(-1, target)  # (n, 1)
-        log_prob[part] = (target_logit - top).squeeze(-1) - log_total
-        # H = log sum - sum(p * shifted): one dot product per row.
-        entropy[part] = log_total - torch.bmm(weights.unsqueeze(1), shifted.unsqueeze(2)).view(n) / total
-        confidence[part] = total.reciprocal()  # the top class's exp(0) / sum
-        # Ties go to the smaller class index, as argmax and topk order them: uniform logits are
-        # not "always right". Counts as float32 sums of 0/1 flags: exact below 2**24 classes.
-        torch.gt(x, target_logit, out=flags)
-        greater = flags.sum(-1)
-        torch.ge(x, target_logit, out=flags)
-        tied_rows = (flags.sum(-1) > greater + 1).nonzero().squeeze(-1)  # rare: look at those rows again
-        rank[part] = 1 + greater.long()
-        if tied_rows.numel():
-            columns = torch.arange(vocab_size, device=x.device)
-            tied = (x[tied_rows] == target_logit[tied_rows]) & (columns < target[tied_rows])
-            rank[part][tied_rows] += tied.sum(-1)
-        if k:
-            values, ids = shifted.topk(k, dim=-1)
-            top_probs[part] = values.exp() / total.unsqueeze(-1)
-            top_ids[part] = ids
+    target_logit = rows.gather(-1, flat_targets.unsqueeze(-1)).float()  # (N, 1)
+    columns = list(range(0, vocab_size, _BLOCK_COLUMNS))
+    block_rows = min(_BLOCK_ROWS, n_rows)
+    width = min(_BLOCK_COLUMNS, vocab_size)
+    shifted_buffer = torch.empty(block_rows * width, device=device)
+    work_buffer = torch.empty(block_rows * width, device=device)
+    # Per row and column block: max, sum of exp(z - max), sum of exp(z - max) * (z - max).
+    block_max = torch.empty(n_rows, len(columns), device=device)
+    block_sum = torch.empty(n_rows, len(columns), device=device)
+    block_dot = torch.empty(n_rows, len(columns), device=device)
+    greater = torch.zeros(n_rows, device=device)  # logits above the target's (float32 counts: exact below 2**24)
+    at_least = torch.zeros(n_rows, device=device)  # logits at or above it
+    top_values = torch.empty(n_rows, len(columns) * k, device=device)
+    top_ids = torch.zeros(n_rows, len(columns) * k, dtype=torch.int64, device=device)
+    for start in range(0, n_rows, block_rows):
+        part = slice(start, start + block_rows)
+        target = target_logit[part]
+        for b, first in enumerate(columns):
+            z = rows[part, first : first + width].float()  # (n, c): the logits themselves when float32
+            n, c = z.shape
+            shifted = shifted_buffer[: n * c].view(n, c)
+            work = work_buffer[: n * c].view(n, c)
+            high = z.amax(-1, keepdim=True)  # (n, 1)
+            torch.sub(z, finite_shift(high), out=shifted)
+            torch.gt(z, target, out=work)
+            greater[part] += work.sum(-1)
+            torch.ge(z, target, out=work)
+            at_least[part] += work.sum(-1)
+            if k:
+                values, ids = z.topk(min(k, c), dim=-1)
+                top_values[part, b * k : b * k + values.shape[1]] = values
+                top_ids[part, b * k : b * k + values.shape[1]] = ids + first
+                top_values[part, b * k + values.shape[1] : (b + 1) * k] = -math.inf
+            exps = torch.exp(shifted, out=work)
+            block_max[part, b] = high.squeeze(-1)
+            block_sum[part, b] = exps.sum(-1)
+            block_dot[part, b] = torch.linalg.vecdot(exps, shifted)  # a third of bmm's time here
+    # Combine the blocks of each row: rescale each block's sums from its maximum to the row's.
+    top = block_max.amax(-1, keepdim=True)  # (N, 1)
+    offset = finite_shift(block_max) - top  # (N, B); -inf for a block of only -inf logits
+    scale = torch.exp(offset)
+    total = (block_sum * scale).sum(-1)  # (N,) sum of exp(z - top)
+    dot = torch.where(scale > 0, scale * (block_dot + block_sum * offset), 0.0).sum(-1)  # sum exp(z - top)(z - top)
+    log_total = total.log()
+    lse = top.squeeze(-1) + log_total
+    log_prob = (target_logit.squeeze(-1) - top.squeeze(-1)) - log_total
+    entropy = log_total - dot / total
+    confidence = total.reciprocal()  # the top class's exp(0) / sum
+    # Ties go to the smaller class index, as argmax and topk order them: uniform logits are not
+    # "always right". Rows with a tie (rare) are looked at again.
+    rank = 1 + greater.long()
+    tied_rows = (at_least > greater + 1).nonzero().squeeze(-1)
+    if tied_rows.numel():
+        index = torch.arange(vocab_size, device=device)
+        tied = (rows[tied_rows].float() == target_logit[tied_rows]) & (index < flat_targets[tied_rows, None])
+        rank[tied_rows] += tied.sum(-1)
+    if k:
+        values, order = top_values.topk(k, dim=-1)  # ties keep the smaller class: blocks are in column order
+        top_ids = top_ids.gather(-1, order)
+        top_probs = torch.exp(values - lse.unsqueeze(-1))
+    else:
+        top_ids = top_ids[:, :0]
+        top_probs = top_values[:, :0]
     # A -inf logit where the probability underflows makes 0 * -inf: those rows' entropy, the slow way.
     unsafe = entropy.isnan() & lse.isfinite()
     if bool(unsafe.any()):

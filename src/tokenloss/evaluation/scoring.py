@@ -470,12 +470,16 @@ def _score_batches(
     top_k: int,
     batch_size: int,
 ) -> Iterator[ScoredTokens]:
+    buffer: Tensor | None = None  # the logits of every batch are written here (see CausalLM.logits)
     for batch in _same_length_batches(windows, batch_size):
         inputs = torch.tensor(
             [([prefix_token_id] if w.prefix else []) + tokens.slice(w.begin, w.end) for w in batch], dtype=torch.int64
         )  # (B, T)
         with torch.inference_mode():
-            logits = model.logits(inputs.to(model.device))  # (B, T, V) float32
+            if buffer is None or buffer.numel() < inputs.numel() * model.vocab_size:
+                buffer = None  # freed before the larger one is made
+                buffer = torch.empty(inputs.numel() * model.vocab_size, device=model.device)
+            logits = model.logits(inputs.to(model.device), out=buffer)  # (B, T, V) float32
         if logits.shape[:2] != inputs.shape or logits.shape[-1] != model.vocab_size:
             raise ValueError(
                 f"the model returned logits of shape {tuple(logits.shape)} for inputs of shape "

@@ -85,8 +85,14 @@ class CausalLM(ABC):
         return None
 
     @abstractmethod
-    def logits(self, input_ids: Tensor) -> Tensor:
-        """Next-token logits: ``(B, T)`` int64 ids -> ``(B, T, V)`` float32; position ``t`` predicts ``t + 1``."""
+    def logits(self, input_ids: Tensor, *, out: Tensor | None = None) -> Tensor:
+        """Next-token logits: ``(B, T)`` int64 ids -> ``(B, T, V)`` float32; position ``t`` predicts ``t + 1``.
+
+        ``out``: optional contiguous float32 tensor of at least ``B * T * V`` elements on the model's
+        device that the logits may be written into (the result is then a view of it). A caller that
+        scores many batches passes the same one each time, so that no batch allocates, and on the CPU
+        page-faults in, its own ``(B, T, V)`` tensor. A model may ignore it.
+        """
 
     def describe(self) -> str:
         """One line: name, V, context, dtype, device."""
@@ -139,7 +145,7 @@ class ByteLM(CausalLM):
             raise ValueError(f"a byte token id must be in [0, 256), got {token_id}")
         return _byte_display(token_id)
 
-    def logits(self, input_ids: Tensor) -> Tensor:
+    def logits(self, input_ids: Tensor, *, out: Tensor | None = None) -> Tensor:
         return self.module.logits(input_ids.to(self.device)).float()
 
 

@@ -81,9 +81,60 @@ class HFCausalLM(CausalLM):
             return bytes(_UNICODE_TO_BYTE[char] for char in piece)
         return None
 
-    def logits(self, input_ids: Tensor) -> Tensor:
-        output = self.model(input_ids=input_ids.to(self.device), use_cache=False)
-        return output.logits.float()  # (B, T, V)
+    def logits(self, input_ids: Tensor, *, out: Tensor | None = None) -> Tensor:
+        head = self._head() if out is not None else None
+        if head is None:
+            output = self.model(input_ids=input_ids.to(self.device), use_cache=False)
+            return output.logits.float()  # (B, T, V)
+        with torch.inference_mode():  # scoring only: `out=` products do not track gradients
+            return self._logits_into(input_ids, out, *head)
+
+    def _logits_into(self, input_ids: Tensor, out: Tensor, base, weight: Tensor, bias: Tensor | None) -> Tensor:
+        hidden = base(input_ids=input_ids.to(self.device), use_cache=False).last_hidden_state  # (B, T, D)
+        hidden = hidden.to(weight.device).reshape(-1, weight.shape[1])  # (B * T, D)
+        logits = out.reshape(-1)[: hidden.shape[0] * weight.shape[0]].view(hidden.shape[0], weight.shape[0])
+        if weight.dtype == torch.float32:  # the product written straight into `out`: no (B * T, V) allocation
+            if bias is None:
+                torch.mm(hidden, weight.t(), out=logits)
+            else:
+                torch.addmm(bias, hidden, weight.t(), out=logits)
+        else:  # bf16/fp16 products, as the model's own head computes them, then float32
+            logits.copy_(torch.nn.functional.linear(hidden, weight, bias))
+        return logits.view(*input_ids.shape, weight.shape[0])
+
+    def _head(self) -> tuple[torch.nn.Module, Tensor, Tensor | None] | None:
+        """``(base model, head weight, head bias)`` when the model's logits are exactly its head applied to
+        its base model's last hidden state (checked once, on a short input), else None.
+
+        Models that transform the logits after the head (Gemma 2's soft-capping, a logit scale) or whose
+        head is not a plain linear layer fail the check and keep the full forward.
+        """
+        if not hasattr(self, "_head_cache"):
+            self._head_cache = _plain_head(self.model, self.vocab_size, self.max_length)
+        return self._head_cache
+
+
+def _plain_head(model, vocab_size: int, max_length: int) -> tuple[torch.nn.Module, Tensor, Tensor | None] | None:
+    """See :meth:`HFCausalLM._head`."""
+    head = model.get_output_embeddings()
+    base = getattr(model, "base_model", None)
+    if not isinstance(head, torch.nn.Linear) or base is None or base is model or head.weight.shape[0] != vocab_size:
+        return None
+    if head.weight.is_meta or not torch.is_floating_point(head.weight):
+        return None
+    length = min(8, max_length)
+    probe = torch.arange(length, dtype=torch.int64).remainder(vocab_size).unsqueeze(0)  # (1, length)
+    try:
+        with torch.inference_mode():
+            device = next(model.parameters()).device
+            expected = model(input_ids=probe.to(device), use_cache=False).logits.float()
+            hidden = base(input_ids=probe.to(device), use_cache=False).last_hidden_state
+            got = torch.nn.functional.linear(hidden.to(head.weight.device), head.weight, head.bias).float()
+    except Exception:  # a base model that does not take these arguments: keep the full forward
+        return None
+    if got.shape != expected.shape or not torch.allclose(got.to(expected.device), expected, rtol=1e-4, atol=1e-4):
+        return None
+    return base, head.weight, head.bias
 
 
 def _bytes_to_unicode() -> dict[int, str]:

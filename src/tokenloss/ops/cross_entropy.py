@@ -23,7 +23,7 @@ from tokenloss.ops.rowwise import (
     refuse_double_backward,
     scale_coefficients,
 )
-from tokenloss.options import LossOptions
+from tokenloss.options import ClassWeights, LossOptions
 
 # A chunk of 2**23 elements (32 MiB of float32, about the last-level cache of a server CPU). Each
 # chunk costs about five passes, each a parallel region of the intra-op thread pool; on a busy CPU
@@ -55,8 +55,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         options: LossOptions,
         inplace_backward: bool,
         chunk_rows: int,
+        class_weights: ClassWeights | None,
     ) -> Tensor:
         n_rows, vocab_size = logits.shape
+        class_weight = None if class_weights is None else class_weights.weight
         acc = accumulation_dtype(logits.dtype)
         weights = weights.to(acc)
         buffer = logits.new_empty(min(chunk_rows, n_rows), vocab_size, dtype=acc)  # (n, V) scratch, reused
@@ -66,15 +68,19 @@ class CrossEntropyFunction(torch.autograd.Function):
             options,
             acc,
             logits.device,
-            lambda rows: chunk_statistics(logits[rows], targets[rows], options, buffer=buffer),
+            lambda rows: chunk_statistics(
+                logits[rows], targets[rows], options, buffer=buffer, class_weight=class_weight
+            ),
         )
         # Ignored rows may hold NaN/inf (padding); their gradient rows are then zeroed explicitly.
         # Without the check (check_inputs=False) that is not guaranteed.
-        loss, alpha, beta, delta = loss_and_coefficients(stats, weights, vocab_size, options)
+        loss, alpha, beta, delta = loss_and_coefficients(
+            stats, weights, vocab_size, options, class_weights=class_weights
+        )
         zero_skipped_rows = check_finite_rows(stats.lse, counted, "logits", loss) if options.check_inputs else False
         ctx.save_for_backward(logits, targets, weights, stats.shift, stats.log_sum, alpha, beta, delta)
         ctx.options, ctx.inplace_backward, ctx.chunk_rows = options, inplace_backward, chunk_rows
-        ctx.zero_skipped_rows = zero_skipped_rows
+        ctx.zero_skipped_rows, ctx.class_weight = zero_skipped_rows, class_weight
         return loss
 
     @staticmethod
@@ -102,10 +108,11 @@ class CrossEntropyFunction(torch.autograd.Function):
                 ctx.options,
                 out=grad[rows],  # float32/float64: written in place, no (n, V) temporary, no copy
                 buffer=buffer,
+                class_weight=ctx.class_weight,
             )
             if skipped is not None:
                 grad[rows].masked_fill_(skipped[rows], 0)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def cross_entropy_rows(
@@ -116,10 +123,14 @@ def cross_entropy_rows(
     options: LossOptions,
     *,
     inplace_backward: bool = False,
+    class_weights: ClassWeights | None = None,
 ) -> Tensor:
     """Per-row weighted losses ``(N,)`` float32 of ``(N, V)`` logits (see :mod:`tokenloss.ops.rowwise`).
 
-    ``options.chunk_size`` rows per chunk (None: :func:`plain_chunk_rows`).
+    ``options.chunk_size`` rows per chunk (None: :func:`plain_chunk_rows`); ``class_weights``: per-class
+    weights (PyTorch's ``weight``).
     """
     chunk_rows = plain_chunk_rows(logits.shape[-1], options.chunk_size)
-    return CrossEntropyFunction.apply(logits, targets, weights, counted, options, inplace_backward, chunk_rows)
+    return CrossEntropyFunction.apply(
+        logits, targets, weights, counted, options, inplace_backward, chunk_rows, class_weights
+    )

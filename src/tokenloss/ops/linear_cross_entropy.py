@@ -54,8 +54,10 @@ from tokenloss.ops.rowwise import (
     loss_and_coefficients,
     refuse_double_backward,
     scale_coefficients,
+    smoothing_sum,
+    subtract_smoothing,
 )
-from tokenloss.options import LossOptions, PreparedTargets
+from tokenloss.options import ClassWeights, LossOptions, PreparedTargets
 
 # Chunk rule (see :func:`fused_chunk_rows`). Every chunk streams the whole (V, D) weight through two
 # products and the (V, D) grad_weight accumulator through a third, so the time beyond the three
@@ -164,7 +166,9 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, buffer: T
     return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
-def _statistics_inplace(logits: Tensor, targets: Tensor, options: LossOptions) -> tuple[Tensor, RowStatistics, Tensor]:
+def _statistics_inplace(
+    logits: Tensor, targets: Tensor, options: LossOptions, class_weight: Tensor | None = None
+) -> tuple[Tensor, RowStatistics, Tensor]:
     """Per-row statistics of a chunk, leaving ``exp(z - max)`` in a float buffer.
 
     Equal to :func:`tokenloss.ops.rowwise.chunk_statistics` (tested), with one ``exp`` per element
@@ -186,7 +190,7 @@ def _statistics_inplace(logits: Tensor, targets: Tensor, options: LossOptions) -
     shift = finite_shift(z.amax(dim=-1))
     shifted = z.sub_(shift.unsqueeze(1))  # (n, V) z - m, exact near the maximum
     target_logit = shifted.gather(1, targets.unsqueeze(1)).squeeze(1)
-    logit_sum = shifted.sum(dim=-1) if options.label_smoothing > 0 else None
+    logit_sum = smoothing_sum(shifted, options, class_weight)
     exp_shifted = shifted.exp_()
     row_sum = exp_shifted.sum(dim=-1)
     return exp_shifted, RowStatistics(shift, row_sum.log(), target_logit, logit_sum), row_sum
@@ -200,6 +204,7 @@ def _gradient_inplace(
     coefficients: tuple[Tensor, Tensor, Tensor],
     row_scale: Tensor,
     options: LossOptions,
+    class_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Turns ``exp_shifted`` ``(n, V)`` into the gradient w.r.t. the raw logits, in place, up to a row factor.
 
@@ -218,7 +223,7 @@ def _gradient_inplace(
         ``(grad, factor)``: the gradient is ``factor[:, None] * grad``; ``factor`` ``(n,)`` or None for 1.
     """
     alpha, beta, delta = coefficients
-    if options.z_loss == 0 and options.focal_gamma == 0:  # alpha == 1 (loss_and_coefficients)
+    if options.z_loss == 0 and options.focal_gamma == 0 and class_weight is None:  # alpha == 1
         factor = torch.where(row_scale != 0, row_scale / row_sum, torch.zeros_like(row_scale))
         onehot, uniform = beta * row_sum, delta * row_sum
     else:
@@ -227,8 +232,7 @@ def _gradient_inplace(
         factor = None
     grad = exp_shifted
     grad.scatter_add_(1, targets.unsqueeze(1), -onehot.unsqueeze(1))
-    if options.label_smoothing > 0:  # delta = focal * eps / V is exactly 0 otherwise: skip a pass over (n, V)
-        grad.sub_(uniform.unsqueeze(1))
+    subtract_smoothing(grad, uniform, options, class_weight)
     if options.softcap is not None:
         if raw_logits.dtype == grad.dtype:
             derivative = raw_logits.div_(options.softcap).tanh_()
@@ -305,6 +309,7 @@ def _fused_chunks(
     *,
     row_scale: Tensor | None,
     sink: _GradientSink | None,
+    class_weights: ClassWeights | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward chunk loop: per-row losses ``(M,)``, and the gradients into ``sink`` if given.
 
@@ -320,13 +325,20 @@ def _fused_chunks(
         rows = slice(start, start + chunk_rows)
         h = hidden[rows]
         logits = _chunk_logits(h, weight, bias, buffer)
-        probs, stats, row_sum = _statistics_inplace(logits, targets[rows], options)
-        loss, alpha, beta, delta = loss_and_coefficients(stats, weights[rows], vocab_size, options)
+        class_weight = None if class_weights is None else class_weights.weight
+        probs, stats, row_sum = _statistics_inplace(logits, targets[rows], options, class_weight)
+        loss, alpha, beta, delta = loss_and_coefficients(
+            stats,
+            weights[rows],
+            vocab_size,
+            options,
+            class_weights=None if class_weights is None else class_weights.rows(rows),
+        )
         for out, value in zip(outputs, (loss, stats.shift, stats.log_sum, alpha, beta, delta)):
             out[rows] = value
         if sink is not None:
             grad, factor = _gradient_inplace(
-                probs, row_sum, logits, targets[rows], (alpha, beta, delta), row_scale[rows], options
+                probs, row_sum, logits, targets[rows], (alpha, beta, delta), row_scale[rows], options, class_weight
             )
             sink.add_chunk(rows, grad, factor, _input_dtype_copy(grad, factor, logits), h, weight)
             del grad
@@ -362,8 +374,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         options: LossOptions,
         chunk_rows: int,
         needs: tuple[bool, bool, bool],  # grad of hidden, weight, bias wanted
+        class_weights: ClassWeights | None,  # of the M rows
     ) -> Tensor:
         acc = accumulation_dtype(hidden.dtype)
+        ctx.class_weights = class_weights
         weights = weights.to(acc)
         ctx.options, ctx.chunk_rows, ctx.needs = options, chunk_rows, needs
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -373,7 +387,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             row_scale = weights / denominator.to(acc) if options.reduction == "mean" else weights
         sink = _GradientSink(hidden, weight, bias, needs) if grad_now else None
         loss, shift, log_sum, alpha, beta, delta = _fused_chunks(
-            hidden, weight, bias, targets, weights, options, chunk_rows, row_scale=row_scale, sink=sink
+            hidden,
+            weight,
+            bias,
+            targets,
+            weights,
+            options,
+            chunk_rows,
+            row_scale=row_scale,
+            sink=sink,
+            class_weights=class_weights,
         )
         if options.check_inputs:
             counted = torch.ones_like(shift, dtype=torch.bool)  # only counted rows reach this Function
@@ -406,7 +429,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if scale.device.type != "cpu" or scale.item() != 1:
                 grads = tuple(None if g is None else g.mul_(scale.to(g.dtype)) for g in grads)
         grads = tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _recompute_gradients(ctx, grad_rows: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -425,7 +448,14 @@ def _recompute_gradients(ctx, grad_rows: Tensor) -> tuple[Tensor | None, Tensor 
         exp_shifted = z.sub_(shift[rows].unsqueeze(1)).exp_()  # softmax = exp_shifted / exp(log_sum)
         coefficients = (alpha[rows], beta[rows], delta[rows])
         grad, factor = _gradient_inplace(
-            exp_shifted, log_sum[rows].exp(), logits, targets[rows], coefficients, row_scale[rows], options
+            exp_shifted,
+            log_sum[rows].exp(),
+            logits,
+            targets[rows],
+            coefficients,
+            row_scale[rows],
+            options,
+            None if ctx.class_weights is None else ctx.class_weights.weight,
         )
         sink.add_chunk(rows, grad, factor, _input_dtype_copy(grad, factor, logits), h, weight)
         del logits, z, exp_shifted, grad  # never hold two chunks
@@ -476,9 +506,11 @@ def linear_cross_entropy_loss(
     n_rows = hidden.shape[0]
     index = counted_row_index(prepared.counted)
     rows_hidden, targets, weights = hidden, prepared.targets, prepared.weights
+    class_weights = prepared.class_weights
     if index is not None:
         rows_hidden = hidden.index_select(0, index)  # (M, D): dropped rows never reach a product
         targets, weights = targets.index_select(0, index), weights.index_select(0, index)
+        class_weights = None if class_weights is None else class_weights.rows(index)
     chunk_rows = fused_chunk_rows(
         rows_hidden.shape[0], weight.shape[0], chunk_size=options.chunk_size, device=hidden.device
     )
@@ -493,6 +525,7 @@ def linear_cross_entropy_loss(
         options,
         chunk_rows,
         needs,
+        class_weights,
     )
     if options.reduction != "none" or index is None:
         return loss

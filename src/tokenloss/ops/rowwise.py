@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tokenloss.options import LossOptions
+from tokenloss.options import ClassWeights, LossOptions
 
 
 @dataclass
@@ -86,7 +86,12 @@ def capped(logits: Tensor, softcap: float | None) -> Tensor:
 
 
 def chunk_statistics(
-    logits: Tensor, targets: Tensor, options: LossOptions, *, buffer: Tensor | None = None
+    logits: Tensor,
+    targets: Tensor,
+    options: LossOptions,
+    *,
+    buffer: Tensor | None = None,
+    class_weight: Tensor | None = None,
 ) -> RowStatistics:
     """Statistics of one chunk of rows.
 
@@ -97,6 +102,8 @@ def chunk_statistics(
         buffer: optional ``(n', V)`` scratch tensor in the accumulation dtype with ``n' >= n``.
             A caller that loops over chunks passes the same buffer to every chunk, so that no
             chunk allocates (and, on the CPU, page-faults in) its own ``(n, V)`` temporaries.
+        class_weight: optional ``(V,)`` per-class weights; with label smoothing, ``logit_sum`` is
+            then the weighted sum ``sum_j w_j (z_j - m)``.
 
     Returns:
         :class:`RowStatistics` with ``(n,)`` tensors in the accumulation dtype.
@@ -116,9 +123,19 @@ def chunk_statistics(
     shift = finite_shift(z.amax(dim=-1))
     target_logit = z.gather(1, targets.unsqueeze(1)).squeeze(1) - shift
     shifted = torch.sub(z, shift.unsqueeze(1), out=work)  # (n, V) z - m: exact near the maximum
-    logit_sum = shifted.sum(dim=-1) if options.label_smoothing > 0 else None
+    logit_sum = smoothing_sum(shifted, options, class_weight)
     log_sum = shifted.exp_().sum(dim=-1).log_()
     return RowStatistics(shift, log_sum, target_logit, logit_sum)
+
+
+def smoothing_sum(shifted: Tensor, options: LossOptions, class_weight: Tensor | None) -> Tensor | None:
+    """``sum_j w_j (z_j - m)`` of ``(n, V)`` shifted logits (``w_j = 1`` without class weights), the
+    label-smoothing statistic; None without label smoothing."""
+    if options.label_smoothing == 0:
+        return None
+    if class_weight is None:
+        return shifted.sum(dim=-1)
+    return shifted @ class_weight.to(shifted.dtype)  # (n,)
 
 
 def finite_shift(row_max: Tensor) -> Tensor:
@@ -166,15 +183,28 @@ def chunked_statistics(
 
 
 def loss_and_coefficients(
-    stats: RowStatistics, weights: Tensor, vocab_size: int, options: LossOptions
+    stats: RowStatistics,
+    weights: Tensor,
+    vocab_size: int,
+    options: LossOptions,
+    *,
+    class_weights: ClassWeights | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row weighted losses and gradient coefficients.
 
+    With per-class weights ``w`` (PyTorch's ``weight``) the cross-entropy term of a row is
+    ``(1 - eps) * w_t * nll + eps / V * sum_j w_j (-log p_j)``, whose gradient is
+    ``((1 - eps) w_t + eps W / V) * softmax - (1 - eps) w_t * onehot - eps / V * w`` with ``W = sum_j w_j``:
+    ``delta`` then multiplies the vector ``w`` (:func:`chunk_gradient`'s ``class_weight``). The z-loss
+    term is not class-weighted.
+
     Args:
-        stats: ``(N,)`` statistics from :func:`chunk_statistics` (whole-vocabulary values).
+        stats: ``(N,)`` statistics from :func:`chunk_statistics` (whole-vocabulary values; with class
+            weights and label smoothing, ``logit_sum`` weighted by them).
         weights: ``(N,)`` float32; 0 for rows that do not count.
         vocab_size: V.
         options: loss options.
+        class_weights: optional per-class weights, their values at the rows' targets ``(N,)`` and sum.
 
     Returns:
         ``(loss, alpha, beta, delta)``, each ``(N,)`` float32. ``loss`` is already multiplied by
@@ -184,12 +214,20 @@ def loss_and_coefficients(
     eps, gamma, zl = options.label_smoothing, options.focal_gamma, options.z_loss
     log_sum, target_logit = stats.log_sum, stats.target_logit  # both relative to the row maximum
     nll = log_sum - target_logit
-    ce = nll
-    if eps > 0:
-        ce = (1 - eps) * nll + eps * (log_sum - stats.logit_sum / vocab_size)
-
     ones = torch.ones_like(log_sum)
-    alpha, beta = ones.clone(), ones * (1 - eps)
+    if class_weights is None:
+        w_target, w_mean = ones, 1.0
+    else:
+        w_target = class_weights.of_target.to(log_sum.dtype)
+        w_mean = class_weights.weight.sum().to(log_sum.dtype) / vocab_size
+    ce = w_target * nll if class_weights is not None else nll
+    if eps > 0:
+        ce = (1 - eps) * ce + eps * (w_mean * log_sum - stats.logit_sum / vocab_size)
+
+    if class_weights is None:
+        alpha, beta = ones.clone(), ones * (1 - eps)  # alpha exactly 1 (the fused path relies on it)
+    else:
+        alpha, beta = (1 - eps) * w_target + eps * w_mean, (1 - eps) * w_target
     delta = ones * (eps / vocab_size)
     loss = ce
     if gamma > 0:
@@ -204,8 +242,8 @@ def loss_and_coefficients(
             torch.zeros_like(one_minus_p),
         )
         loss = focal * ce
-        alpha = focal + ce * slope
-        beta = focal * (1 - eps) + ce * slope
+        alpha = focal * alpha + ce * slope
+        beta = focal * beta + ce * slope
         delta = focal * (eps / vocab_size)
     if zl > 0:
         lse = stats.lse
@@ -243,6 +281,7 @@ def chunk_gradient(
     target_in_chunk: Tensor | None = None,
     out: Tensor | None = None,
     buffer: Tensor | None = None,
+    class_weight: Tensor | None = None,
 ) -> Tensor:
     """Gradient of the (already scaled) loss with respect to a chunk of raw logits.
 
@@ -264,6 +303,8 @@ def chunk_gradient(
             and cast into ``out``.
         buffer: optional ``(n', V)`` scratch tensor in the accumulation dtype, ``n' >= n``, used
             for that temporary instead of a fresh allocation (see :func:`chunk_statistics`).
+        class_weight: optional ``(V,)`` per-class weights: ``delta`` then multiplies them (a rank-one
+            update) instead of a constant (:func:`loss_and_coefficients`).
 
     Returns:
         ``(n, V)`` gradient: ``out`` if given, else a fresh tensor in the accumulation dtype.
@@ -288,14 +329,24 @@ def chunk_gradient(
     grad = work.exp_().mul_((alpha * torch.exp(-log_sum)).unsqueeze(1))  # alpha * softmax
     onehot_coeff = beta if target_in_chunk is None else torch.where(target_in_chunk, beta, torch.zeros_like(beta))
     grad.scatter_add_(1, targets.unsqueeze(1), -onehot_coeff.unsqueeze(1))
-    if options.label_smoothing > 0:
-        grad.sub_(delta.unsqueeze(1))
+    subtract_smoothing(grad, delta, options, class_weight)
     if derivative is not None:
         grad.mul_(derivative)
     if out is not None and grad is not out:
         out.copy_(grad)
         return out
     return grad
+
+
+def subtract_smoothing(grad: Tensor, delta: Tensor, options: LossOptions, class_weight: Tensor | None) -> None:
+    """``grad -= delta[:, None] * w[None, :]`` in place (``w_j = 1`` without class weights); nothing
+    without label smoothing, where ``delta`` is exactly 0 (a pass over ``(n, V)`` saved)."""
+    if options.label_smoothing == 0:
+        return
+    if class_weight is None:
+        grad.sub_(delta.unsqueeze(1))
+    else:
+        grad.addr_(delta.to(grad.dtype), class_weight.to(grad.dtype), alpha=-1)
 
 
 def refuse_double_backward(name: str) -> None:

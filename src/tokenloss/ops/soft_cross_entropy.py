@@ -22,19 +22,22 @@ from tokenloss.ops.rowwise import accumulation_dtype, capped, check_finite_rows,
 from tokenloss.options import LossOptions
 
 
-def _smoothed(probs: Tensor, eps: float) -> Tensor:
-    """``(1 - eps) q + eps / V`` in the accumulation dtype (``q`` itself, converted, when ``eps`` is 0)."""
+def _smoothed(probs: Tensor, eps: float, class_weight: Tensor | None) -> Tensor:
+    """``w * ((1 - eps) q + eps / V)`` in the accumulation dtype (``q`` itself, converted, when ``eps`` is 0
+    and there are no class weights ``w``)."""
     q = probs.to(accumulation_dtype(probs.dtype))
-    if eps == 0:
-        return q
-    return q.mul(1 - eps).add_(eps / probs.shape[-1])
+    if eps != 0:
+        q = q.mul(1 - eps).add_(eps / probs.shape[-1])
+    if class_weight is not None:
+        q = q * class_weight.to(q.dtype)
+    return q
 
 
 class SoftCrossEntropyFunction(torch.autograd.Function):
     """``(N, V)`` logits and ``(N, V)`` target probabilities -> ``(N,)`` weighted per-row losses."""
 
     @staticmethod
-    def forward(ctx, logits, probs, weights, counted, options: LossOptions, chunk_rows: int):
+    def forward(ctx, logits, probs, weights, counted, options: LossOptions, chunk_rows: int, class_weight):
         acc = accumulation_dtype(logits.dtype)
         n_rows = logits.shape[0]
         shift, log_sum, loss = (torch.empty(n_rows, dtype=acc, device=logits.device) for _ in range(3))
@@ -43,7 +46,7 @@ class SoftCrossEntropyFunction(torch.autograd.Function):
             z = capped(logits[rows], options.softcap)  # (n, V) accumulation dtype
             m = finite_shift(z.amax(dim=-1))
             x = z - m.unsqueeze(1)
-            q = _smoothed(probs[rows], options.label_smoothing)  # (n, V)
+            q = _smoothed(probs[rows], options.label_smoothing, class_weight)  # (n, V)
             ls = torch.exp(x).sum(dim=-1).log()
             # sum_j q_j x_j, with 0 * (-inf) taken as 0 (a class of probability 0 at a -inf logit)
             qx = torch.where(q != 0, q * x, torch.zeros_like(x)).sum(dim=-1)
@@ -56,6 +59,7 @@ class SoftCrossEntropyFunction(torch.autograd.Function):
         zero_skipped = check_finite_rows(lse, counted, "logits", loss) if options.check_inputs else False
         ctx.save_for_backward(logits, probs, weights, shift, log_sum)
         ctx.options, ctx.chunk_rows, ctx.zero_skipped = options, chunk_rows, zero_skipped
+        ctx.class_weight = class_weight
         return loss
 
     @staticmethod
@@ -68,7 +72,7 @@ class SoftCrossEntropyFunction(torch.autograd.Function):
         for start in range(0, logits.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             z = capped(logits[rows], options.softcap)
-            q = _smoothed(probs[rows], options.label_smoothing)
+            q = _smoothed(probs[rows], options.label_smoothing, ctx.class_weight)
             p = torch.exp(z - (shift[rows] + log_sum[rows]).unsqueeze(1))  # softmax
             alpha = q.sum(dim=-1)
             if options.z_loss > 0:
@@ -79,7 +83,7 @@ class SoftCrossEntropyFunction(torch.autograd.Function):
             if ctx.zero_skipped:
                 g.masked_fill_((scale[rows] == 0).unsqueeze(1), 0)
             grad[rows] = g
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def check_probability_targets(probs: Tensor, counted: Tensor, *, tolerance: float = 1e-3) -> None:
@@ -104,10 +108,17 @@ def check_probability_targets(probs: Tensor, counted: Tensor, *, tolerance: floa
 
 
 def soft_cross_entropy_rows(
-    logits: Tensor, probs: Tensor, weights: Tensor, counted: Tensor, options: LossOptions
+    logits: Tensor,
+    probs: Tensor,
+    weights: Tensor,
+    counted: Tensor,
+    options: LossOptions,
+    *,
+    class_weight: Tensor | None = None,
 ) -> Tensor:
-    """Per-row weighted losses ``(N,)`` of ``(N, V)`` logits against ``(N, V)`` target probabilities."""
+    """Per-row weighted losses ``(N,)`` of ``(N, V)`` logits against ``(N, V)`` target probabilities
+    (``class_weight`` ``(V,)``: the loss is ``-sum_j w_j q_j log p_j``, as PyTorch's ``weight``)."""
     if options.check_inputs:
         check_probability_targets(probs, counted)
     chunk_rows = plain_chunk_rows(logits.shape[-1], options.chunk_size)
-    return SoftCrossEntropyFunction.apply(logits, probs, weights, counted, options, chunk_rows)
+    return SoftCrossEntropyFunction.apply(logits, probs, weights, counted, options, chunk_rows, class_weight)
