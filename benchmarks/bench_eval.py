@@ -133,7 +133,8 @@ def main() -> None:
         print(f"lm-eval not installed ({error}): its rows are skipped")
     for batch in (1, 8):
         methods[f"tokenloss bs={batch}"] = lambda b=batch: ours(b)
-    methods["tokenloss --out bs=8"] = lambda: ours(8, out=True)
+    for batch in (1, 8):
+        methods[f"tokenloss --out bs={batch}"] = lambda b=batch: ours(b, out=True)
     torch.set_num_threads(args.threads)  # HFLM may change it
 
     names = list(methods)

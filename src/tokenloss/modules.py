@@ -66,7 +66,8 @@ class LinearCrossEntropyLoss(nn.Module):
 
     The constructor takes the options (each :class:`~tokenloss.options.LossOptions` field, plus
     ``impl`` and the per-class ``class_weight``, a buffer); ``forward`` takes the per-batch tensors
-    (``hidden`` ``(..., D)``, ``weight`` ``(V, D)``, ``targets`` and optionally ``bias``, ``mask``, ``token_weights``, ``num_items``).
+    (``hidden`` ``(..., D)``, ``weight`` ``(V, D)``, ``targets`` and optionally ``bias``, ``mask``,
+    ``token_weights``, ``num_items``).
     The module holds no parameters: pass the LM head's weight.
 
     Examples:

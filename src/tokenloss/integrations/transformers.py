@@ -56,6 +56,11 @@ SUPPORTED_MODELS = (
     "Qwen3ForCausalLM",
     "GemmaForCausalLM",
     "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
+    "Olmo2ForCausalLM",
+    "SmolLM3ForCausalLM",  # transformers >= 4.53
+    "GPTNeoXForCausalLM",
 )
 
 # Options the patch sets itself, with the reason given when a caller passes one.
@@ -200,9 +205,18 @@ def _supported_class(model: nn.Module) -> type:
             "materialised yet); patch reads the weight itself: load the head onto a real device (e.g. "
             "device_map={'lm_head': 0} or 'cpu'), or do not patch this model"
         )
-    if model.base_model is model:
+    if _base_model(model) is model:
         raise TypeError(f"{name} has no base model at {model.base_model_prefix!r}")
     return cls
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformer under the LM head: ``model.base_model``, or ``get_decoder()`` where the class's
+    ``base_model_prefix`` names no attribute (Gemma3ForCausalLM in transformers 4.51)."""
+    base = model.base_model
+    if base is model and hasattr(model, "get_decoder"):
+        base = model.get_decoder()
+    return base
 
 
 def _check_loss_options(loss_options: dict[str, Any]) -> dict[str, Any]:
@@ -249,7 +263,7 @@ def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any):
     options = dict(state.options)
     options["ignore_index"] = extra.pop("ignore_index", options["ignore_index"])
 
-    outputs = self.base_model(**arguments, **extra)
+    outputs = _base_model(self)(**arguments, **extra)
     hidden = outputs.last_hidden_state  # (B, T, D)
     head = self.get_output_embeddings()
     targets = (labels if shift_labels is None else shift_labels).to(hidden.device)
