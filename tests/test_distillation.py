@@ -207,3 +207,13 @@ def test_nan_in_a_counted_row_raises(head):
         tl.linear_distillation_loss(**inputs, targets=targets)
     targets[1, 2] = -100  # the same row, not counted: fine
     assert torch.isfinite(tl.linear_distillation_loss(**inputs, targets=targets))
+
+
+def test_gradients_are_handed_out_once():
+    """With "mean"/"sum" the gradients are computed in the forward pass: a second backward through the same
+    graph is a clear error, not a silent second copy."""
+    inputs, targets = make_inputs((2, 5))
+    loss = tl.linear_distillation_loss(**inputs, targets=targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="hands them out once"):
+        loss.backward()

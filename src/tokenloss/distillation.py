@@ -30,12 +30,14 @@ import math
 import torch
 from torch import Tensor
 
-from tokenloss.ops.linear_cross_entropy import counted_row_index
+from tokenloss.ops.linear_cross_entropy import counted_row_index, gradients_needed
 from tokenloss.ops.rowwise import accumulation_dtype, refuse_double_backward
 from tokenloss.options import LossOptions, check_linear_inputs, prepare_targets
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "cross_entropy")
-CHUNK_BYTES = 64 * 1024 * 1024  # float32 logits of one head per chunk; the backward holds a few times this
+# float32 logits of one head per chunk: 16 MiB (128 rows at V = 32000). The backward holds about four
+# such (n, V) tensors; larger chunks were no faster on the CPU (the products dominate).
+CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def _check_unit_interval(name: str, value: object) -> float:
@@ -91,6 +93,41 @@ def divergence_rows(
     return (1.0 - hard_weight) * soft + hard_weight * hard
 
 
+def divergence_gradient(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor | None,
+    *,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    hard_weight: float,
+) -> Tensor:
+    """``d(row loss)/d(student logits)`` ``(n, V)`` of :func:`divergence_rows`, written out, for every
+    divergence but ``"jsd"`` (in the accumulation dtype; the arguments as there)::
+
+        forward_kl, cross_entropy   (q - p) / T
+        reverse_kl                  q * (log q - log p - KL(q || p)) / T   (0 where q = 0)
+        hard term                   softmax(s) - onehot(target)
+    """
+    dtype = accumulation_dtype(student_logits.dtype)
+    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # (n, V)
+    log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    if divergence == "reverse_kl":
+        q = log_q.exp()
+        log_ratio = torch.where(q > 0, log_q - log_p, torch.zeros_like(q))
+        kl = (q * log_ratio).sum(-1, keepdim=True)
+        grad = log_ratio.sub_(kl).mul_(q)
+    else:  # forward_kl, cross_entropy
+        grad = log_q.exp().sub_(log_p.exp_())
+    grad.mul_((1.0 - hard_weight) / temperature)
+    if hard_weight:
+        hard = torch.softmax(student_logits.to(dtype), dim=-1)
+        hard.scatter_add_(1, targets.unsqueeze(1), -torch.ones_like(hard[:, :1]))
+        grad.add_(hard, alpha=hard_weight)
+    return grad
+
+
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.nn.functional.linear(hidden, weight, bias)
 
@@ -107,11 +144,46 @@ def _check_finite(student: Tensor, teacher: Tensor, first_row: int) -> None:
             )
 
 
+class _GradientSinks:
+    """The student's gradients, accumulated chunk by chunk: ``(M, D)`` hidden rows, ``(V, D)`` weight and
+    ``(V,)`` bias in the accumulation dtype, each only where wanted."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, ...]) -> None:
+        acc = accumulation_dtype(weight.dtype)
+        self.hidden = torch.empty_like(hidden) if needs[0] else None
+        self.weight = torch.zeros_like(weight, dtype=acc) if needs[1] else None
+        self.bias = torch.zeros_like(bias, dtype=acc) if needs[2] and bias is not None else None
+        self.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+
+    def add(self, part: slice, grad: Tensor, hidden: Tensor, weight: Tensor) -> None:
+        """Adds the chunk whose gradient w.r.t. the student's logits is ``grad`` ``(n, V)``."""
+        if self.hidden is not None:
+            self.hidden[part] = (grad @ weight.to(grad.dtype)).to(self.hidden.dtype)
+        if self.weight is not None:
+            self.weight.addmm_(grad.t(), hidden.to(grad.dtype))
+        if self.bias is not None:
+            self.bias += grad.sum(0)
+
+    def gradients(self, scale: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        grads = (self.hidden, self.weight, self.bias)
+        if scale is not None:
+            grads = tuple(None if g is None else g * scale.to(g.dtype) for g in grads)
+        return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, self.dtypes))
+
+
 class _FusedDistillation(torch.autograd.Function):
+    """Student rows ``(M, D)``, head, bias; teacher rows, head, bias (constants) -> the per-row losses
+    ``(M,)``, or, with ``reduce_scale``, their sum times it (0-dim) with the gradients computed in the
+    forward pass (one pass over both heads instead of two; not for ``"jsd"``)."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, chunk, config):
+    def forward(
+        ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, chunk, config, reduce_scale,
+        needs,
+    ):  # fmt: skip
         rows = hidden.shape[0]
         losses = torch.empty(rows, dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
+        sinks = _GradientSinks(hidden, weight, bias, needs) if reduce_scale is not None else None
         with torch.no_grad():
             for start in range(0, rows, chunk):
                 part = slice(start, start + chunk)
@@ -120,47 +192,45 @@ class _FusedDistillation(torch.autograd.Function):
                 _check_finite(student, teacher, start)
                 part_targets = targets[part] if targets is not None else None
                 losses[part] = divergence_rows(student, teacher, part_targets, **config)
+                if sinks is not None:
+                    grad = divergence_gradient(student, teacher, part_targets, **config)
+                    sinks.add(part, grad.mul_(reduce_scale.to(grad.dtype)), hidden[part], weight)
+        ctx.chunk, ctx.config, ctx.sinks = chunk, config, sinks
+        if sinks is not None:
+            return losses.sum() * reduce_scale.to(losses.dtype)
         ctx.save_for_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets)
-        ctx.chunk, ctx.config = chunk, config
         return losses
 
     @staticmethod
-    def backward(ctx, grad_losses):
+    def backward(ctx, grad_output):
         refuse_double_backward("linear_distillation_loss")
+        if ctx.sinks is not None:
+            if ctx.sinks == "used":
+                raise RuntimeError(
+                    "linear_distillation_loss computes its gradients during the forward pass and hands them out "
+                    "once: a second backward through the same graph is not supported; run the forward again"
+                )
+            sinks, ctx.sinks = ctx.sinks, "used"
+            return (*sinks.gradients(grad_output.reshape(())), *([None] * 8))
         hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if needs[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=accumulation_dtype(weight.dtype)) if needs[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=accumulation_dtype(bias.dtype)) if needs[2] else None
+        sinks = _GradientSinks(hidden, weight, bias, needs)
         for start in range(0, hidden.shape[0], ctx.chunk):
             part = slice(start, start + ctx.chunk)
+            part_targets = targets[part] if targets is not None else None
             with torch.no_grad():
                 teacher = _logits(teacher_hidden[part], teacher_weight, teacher_bias)
-            with torch.enable_grad():
-                inputs = [
-                    tensor.detach().requires_grad_(need)
-                    for tensor, need in ((hidden[part], needs[0]), (weight, needs[1]), (bias, needs[2]))
-                    if tensor is not None
-                ]
-                chunk_bias = inputs[2] if bias is not None else None
-                student = _logits(inputs[0], inputs[1], chunk_bias)
-                part_targets = targets[part] if targets is not None else None
-                losses = divergence_rows(student, teacher, part_targets, **ctx.config)
-                wanted = [tensor for tensor in inputs if tensor.requires_grad]
-                grads = iter(torch.autograd.grad(losses, wanted, grad_outputs=grad_losses[part].to(losses.dtype)))
-            for tensor, need in zip(inputs, needs):
-                if not need:
+                if ctx.config["divergence"] != "jsd":  # the gradient written out: no autograd graph of (n, V) tensors
+                    student = _logits(hidden[part], weight, bias)
+                    grad = divergence_gradient(student, teacher, part_targets, **ctx.config)
+                    sinks.add(part, grad.mul_(grad_output[part].to(grad.dtype).unsqueeze(1)), hidden[part], weight)
                     continue
-                grad = next(grads)
-                if tensor is inputs[0]:
-                    grad_hidden[part] = grad
-                elif tensor is inputs[1]:
-                    grad_weight += grad
-                else:
-                    grad_bias += grad
-        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
-        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+            with torch.enable_grad():  # jsd: autograd on the chunk's logits
+                logits = _logits(hidden[part], weight, bias).detach().requires_grad_()
+                losses = divergence_rows(logits, teacher, part_targets, **ctx.config)
+                (grad,) = torch.autograd.grad(losses, logits, grad_outputs=grad_output[part].to(losses.dtype))
+            sinks.add(part, grad.to(accumulation_dtype(logits.dtype)), hidden[part], weight)
+        return (*sinks.gradients(), *([None] * 8))
 
 
 def linear_distillation_loss(
@@ -207,7 +277,7 @@ def linear_distillation_loss(
         reduction: ``"mean"`` (over counted positions, of each position's divergence summed over
             the vocabulary), ``"sum"``, or ``"none"`` (per position, 0 where it does not count,
             shaped like the leading shape, less the shift).
-        chunk_size: rows per chunk (default: 64 MiB of float32 logits per head).
+        chunk_size: rows per chunk (default: 16 MiB of float32 logits per head).
 
     Returns:
         A float32 tensor (float64 for float64 inputs): 0-dim for ``"mean"``/``"sum"``.
@@ -268,11 +338,18 @@ def linear_distillation_loss(
         hidden, teacher, rows_targets = hidden[index], teacher[index], rows_targets[index]
     vocab = student_weight.shape[0]
     chunk = chunk_size or max(1, CHUNK_BYTES // (4 * vocab))
+    needs = gradients_needed(hidden, student_weight, student_bias)
+    reduce_scale = None
+    if options.reduction != "none" and divergence != "jsd" and any(needs):
+        one = torch.ones((), dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
+        reduce_scale = one / prepared.denominator.to(one.dtype) if options.reduction == "mean" else one
     losses = _FusedDistillation.apply(
         hidden, student_weight, student_bias, teacher, teacher_weight.detach(),
         teacher_bias.detach() if teacher_bias is not None else None,
-        rows_targets if config["hard_weight"] else None, chunk, config,
+        rows_targets if config["hard_weight"] else None, chunk, config, reduce_scale, needs,
     )  # fmt: skip
+    if reduce_scale is not None:
+        return losses
     if index is not None:
         losses = losses.new_zeros(prepared.counted.shape[0]).index_put((index,), losses)
     return prepared.reduce(losses, options.reduction)
