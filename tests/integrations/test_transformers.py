@@ -12,7 +12,7 @@ from torch.testing import assert_close
 transformers = pytest.importorskip("transformers", reason="the transformers integration needs transformers")
 
 import tokenloss as tl  # noqa: E402
-from tokenloss.integrations.transformers import SUPPORTED_MODELS, is_patched, patch, unpatch  # noqa: E402
+from tokenloss.integrations.transformers import SUPPORTED_MODELS, is_patched, patch, patch_trainer, unpatch  # noqa: E402
 
 VOCAB = 97
 # float32 everywhere; the patched loss differs from the model's own only by the order of float32 sums.
@@ -379,3 +379,47 @@ def test_nan_raises_by_default_and_gives_a_nan_loss_when_asked() -> None:
         assert torch.isnan(model(**inputs).loss)  # transformers' own behaviour
     finally:
         handle.remove()
+
+
+def _trainer(model, tmp_path, **arguments):
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    try:
+        transformers.Trainer  # noqa: B018  (imported lazily: datasets and huggingface_hub must agree)
+    except (ImportError, RuntimeError) as error:
+        pytest.skip(f"transformers.Trainer cannot be imported here: {str(error).splitlines()[-1]}")
+    rows = [{key: value[i] for key, value in batch(seed).items()} for seed in range(3) for i in range(2)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
+        report_to=[], save_strategy="no", use_cpu=True, **arguments,
+    )  # fmt: skip
+    return transformers.Trainer(model=model, args=args, train_dataset=rows)
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.1])
+def test_patch_trainer_honours_label_smoothing_factor(factor, tmp_path) -> None:
+    """Trainer(label_smoothing_factor=eps): the Trainer's own label smoother on the logits and the patched
+    model (the labels reach it, no logits built) give the same loss; training runs through the patch."""
+    reference = _trainer(tiny_model("llama").train(), tmp_path / "ref", label_smoothing_factor=factor)
+    inputs = batch(5)
+    expected = reference.compute_loss(reference.model, dict(inputs))
+    trainer = patch_trainer(_trainer(copy.deepcopy(reference.model), tmp_path / "new", label_smoothing_factor=factor))
+    assert trainer.label_smoother is None and is_patched(trainer.model)
+    head_calls = []
+    hook = trainer.model.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+    got = trainer.compute_loss(trainer.model, dict(inputs))
+    assert not head_calls  # the loss came from tokenloss, without the logits
+    assert_close(got, expected, **LOSS_TOL)
+    if factor:
+        assert_close(got, tl.cross_entropy(
+            reference.model(**{k: v for k, v in inputs.items() if k != "labels"}).logits, inputs["labels"],
+            shift=True, label_smoothing=factor,
+        ), **LOSS_TOL)  # fmt: skip
+    trainer.train()
+    hook.remove()
+    assert trainer.state.global_step == 2 and not head_calls
+
+
+def test_patch_trainer_refuses_two_smoothings(tmp_path) -> None:
+    trainer = _trainer(tiny_model("gpt2").train(), tmp_path, label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match="label_smoothing_factor is 0.1"):
+        patch_trainer(trainer, label_smoothing=0.2)

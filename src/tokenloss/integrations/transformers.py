@@ -25,8 +25,8 @@ Limitations: the LM head's weight is read directly, so schemes that materialise 
 inside ``lm_head.forward`` (DeepSpeed ZeRO-3, FSDP1 without ``use_orig_params``, accelerate's
 device-map offloading of the head) are refused at call time when the weight is empty, and PEFT
 adapters on the LM head are not supported (patch ``peft_model.get_base_model()``; adapters elsewhere
-are fine). The Trainer's own ``label_smoothing_factor`` bypasses the model's loss: pass
-``label_smoothing=`` to :func:`patch` instead.
+are fine). The Trainer's own ``label_smoothing_factor`` takes the labels away from the model (its
+label smoother computes the loss from the logits): :func:`patch_trainer` moves it into the patch.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from tokenloss.functional import cross_entropy, linear_cross_entropy
 from tokenloss.ops import IMPLEMENTATIONS
 from tokenloss.options import OPTION_NAMES, LossOptions
 
-__all__ = ["SUPPORTED_MODELS", "is_patched", "patch", "unpatch"]
+__all__ = ["SUPPORTED_MODELS", "is_patched", "patch", "patch_trainer", "unpatch"]
 
 #: Causal-LM classes of ``transformers`` whose forward tokenloss reproduces (checked by the tests).
 SUPPORTED_MODELS = (
@@ -99,8 +99,7 @@ def patch(model: nn.Module, *, skip_logits: bool | None = None, **loss_options: 
     model replaces its options. Loss and gradients equal the model's own within float32 rounding.
 
     Args:
-        model: a causal LM of one of :data:`SUPPORTED_MODELS` (GPT-2, Llama, Mistral, Qwen2, Qwen3,
-            Gemma, Gemma 2).
+        model: a causal LM of one of :data:`SUPPORTED_MODELS`.
         skip_logits: None (default): do not build the logits when ``labels`` are given in training
             mode, build them in eval mode; True: never build them when ``labels`` are given;
             False: always build them (the loss is then computed from them).
@@ -148,6 +147,41 @@ def patch(model: nn.Module, *, skip_logits: bool | None = None, **loss_options: 
     # dataset columns and to decide whether to pass num_items_in_batch).
     object.__setattr__(model, "forward", types.MethodType(_forward_for(model_class), model))
     return model
+
+
+def patch_trainer(trainer: Any, *, skip_logits: bool | None = None, **loss_options: Any) -> Any:
+    """Patches a ``transformers.Trainer``'s model, honouring the Trainer's ``label_smoothing_factor``.
+
+    With ``args.label_smoothing_factor > 0`` the Trainer pops the labels before calling the model and
+    smooths the loss itself from the logits, so a patched model would never see them. Here the factor
+    becomes the patch's ``label_smoothing`` (the same definition: ``(1 - eps) * nll + eps * mean_j
+    (-log p_j)``, a mean over the counted tokens) and the Trainer's label smoother is switched off, so
+    the loss is computed without the logits. Call it after the Trainer is built, before ``train()``.
+
+    Args:
+        trainer: a ``transformers.Trainer`` whose ``model`` is a supported causal LM.
+        skip_logits, **loss_options: as in :func:`patch` (``label_smoothing`` may not also be given
+            when the Trainer sets a factor).
+
+    Returns:
+        ``trainer``.
+
+    Raises:
+        ValueError: ``label_smoothing`` given while the Trainer has its own factor.
+        TypeError, ValueError: as :func:`patch`.
+    """
+    factor = float(getattr(trainer.args, "label_smoothing_factor", 0.0) or 0.0)
+    if factor > 0:
+        if "label_smoothing" in loss_options:
+            raise ValueError(
+                f"the Trainer's label_smoothing_factor is {factor}: pass label_smoothing to patch_trainer only "
+                "when the Trainer sets none"
+            )
+        loss_options["label_smoothing"] = factor
+    patch(trainer.model, skip_logits=skip_logits, **loss_options)
+    if factor > 0:
+        trainer.label_smoother = None
+    return trainer
 
 
 def unpatch(model: nn.Module) -> nn.Module:
