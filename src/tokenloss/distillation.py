@@ -61,6 +61,15 @@ def _xlogy_sum(p: Tensor, log_p: Tensor, log_r: Tensor) -> Tensor:
     return torch.where(p > 0, p * (log_p - log_r), torch.zeros_like(p)).sum(-1)
 
 
+def tempered_log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """``(log q, log p)``: ``log_softmax`` of the student's and the teacher's ``(n, V)`` logits over
+    ``temperature``, in the accumulation dtype."""
+    dtype = accumulation_dtype(student_logits.dtype)
+    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    return log_q, log_p
+
+
 def divergence_rows(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -70,13 +79,13 @@ def divergence_rows(
     divergence: str,
     beta: float,
     hard_weight: float,
+    log_probs: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """The ``(n,)`` per-row losses of ``(n, V)`` logits of both heads, in the accumulation dtype (float32,
-    float64 for float64 logits). Differentiable; the module doc gives the formulas."""
-    dtype = accumulation_dtype(student_logits.dtype)
-    s = student_logits.to(dtype)
-    log_q = torch.log_softmax(s / temperature, dim=-1)
-    log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    float64 for float64 logits). Differentiable; the module doc gives the formulas. ``log_probs``: the
+    :func:`tempered_log_probs` of these logits when the caller has them (read, not changed)."""
+    s = student_logits.to(accumulation_dtype(student_logits.dtype))
+    log_q, log_p = log_probs or tempered_log_probs(student_logits, teacher_logits, temperature)
     p, q = log_p.exp(), log_q.exp()
     if divergence == "jsd" and beta == 0.0 or divergence == "forward_kl":
         soft = _xlogy_sum(p, log_p, log_q)
@@ -102,17 +111,18 @@ def divergence_gradient(
     divergence: str,
     beta: float,
     hard_weight: float,
+    log_probs: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``d(row loss)/d(student logits)`` ``(n, V)`` of :func:`divergence_rows`, written out, for every
-    divergence but ``"jsd"`` (in the accumulation dtype; the arguments as there)::
+    divergence but ``"jsd"`` (in the accumulation dtype; the arguments as there, except that
+    ``log_probs`` is overwritten)::
 
         forward_kl, cross_entropy   (q - p) / T
         reverse_kl                  q * (log q - log p - KL(q || p)) / T   (0 where q = 0)
         hard term                   softmax(s) - onehot(target)
     """
     dtype = accumulation_dtype(student_logits.dtype)
-    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # (n, V)
-    log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    log_q, log_p = log_probs or tempered_log_probs(student_logits, teacher_logits, temperature)
     if divergence == "reverse_kl":
         q = log_q.exp()
         log_ratio = torch.where(q > 0, log_q - log_p, torch.zeros_like(q))
@@ -191,9 +201,10 @@ class _FusedDistillation(torch.autograd.Function):
                 teacher = _logits(teacher_hidden[part], teacher_weight, teacher_bias)
                 _check_finite(student, teacher, start)
                 part_targets = targets[part] if targets is not None else None
-                losses[part] = divergence_rows(student, teacher, part_targets, **config)
+                log_probs = tempered_log_probs(student, teacher, config["temperature"])  # shared by both
+                losses[part] = divergence_rows(student, teacher, part_targets, **config, log_probs=log_probs)
                 if sinks is not None:
-                    grad = divergence_gradient(student, teacher, part_targets, **config)
+                    grad = divergence_gradient(student, teacher, part_targets, **config, log_probs=log_probs)
                     sinks.add(part, grad.mul_(reduce_scale.to(grad.dtype)), hidden[part], weight)
         ctx.chunk, ctx.config, ctx.sinks = chunk, config, sinks
         if sinks is not None:
