@@ -11,112 +11,19 @@ from torch.testing import assert_close
 
 transformers = pytest.importorskip("transformers", reason="the transformers integration needs transformers")
 
+from hf_models import (  # noqa: E402  (tests/integrations/conftest.py puts this folder on sys.path)
+    FAMILIES,
+    LOSS_TOL,
+    VOCAB,
+    assert_same_grads,
+    batch,
+    loss_and_grads,
+    record_head_outputs,
+    tiny_model,
+)
+
 import tokenloss as tl  # noqa: E402
 from tokenloss.integrations.transformers import SUPPORTED_MODELS, is_patched, patch, patch_trainer, unpatch  # noqa: E402
-
-VOCAB = 97
-# float32 everywhere; the patched loss differs from the model's own only by the order of float32 sums.
-LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
-GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the tiny models gain nothing from more, and on a busy machine threads make
-    each small op wait for a free core (15x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(family: str, *, softcap: float = 0.5) -> torch.nn.Module:
-    """A 2-layer random causal LM of ``family`` with tiny dimensions and no dropout."""
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    if family == "gpt2":
-        config = transformers.GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=32,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        return transformers.GPT2LMHeadModel(config)
-    classes = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {}),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
-        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=8)),
-        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, dict(head_dim=8)),
-        # a small cap so that soft-capping changes the logits of a tiny random model noticeably
-        "gemma2": (
-            transformers.Gemma2Config,
-            transformers.Gemma2ForCausalLM,
-            dict(head_dim=8, final_logit_softcapping=softcap),
-        ),
-    }
-    optional = {  # families a transformers version may lack (SmolLM3 came in 4.53)
-        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=8, final_logit_softcapping=softcap)),
-        "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)),
-        "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
-        "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}),
-        "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(hidden_dropout=0.0, attention_dropout=0.0)),
-    }
-    if family in optional:
-        config_name, model_name, extra = optional[family]
-        if not hasattr(transformers, model_name):
-            pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
-        config_class, model_class = getattr(transformers, config_name), getattr(transformers, model_name)
-    else:
-        config_class, model_class, extra = classes[family]
-    return model_class(config_class(**common, **extra))
-
-
-FAMILIES = (
-    "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2", "smollm3", "gpt_neox"
-)  # fmt: skip
-
-
-def batch(seed: int = 0, shape=(2, 9)):
-    """input_ids, labels with -100 on a prompt and on right padding, and the attention mask."""
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, VOCAB, shape, generator=gen)
-    attention_mask = torch.ones(shape, dtype=torch.long)
-    attention_mask[1, -2:] = 0
-    labels = input_ids.clone()
-    labels[0, :3] = -100
-    labels[attention_mask == 0] = -100
-    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-
-
-def loss_and_grads(model, **inputs):
-    model.zero_grad(set_to_none=True)
-    output = model(**inputs)
-    output.loss.backward()
-    return output, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_same_grads(got: dict, expected: dict) -> None:
-    assert got.keys() == expected.keys()
-    for name in expected:
-        assert_close(got[name], expected[name], **GRAD_TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_supported_models_are_the_tested_families() -> None:
@@ -137,11 +44,10 @@ def test_patched_loss_and_gradients_equal_the_models_own(family: str) -> None:
     inputs = batch()
     expected, expected_grads = loss_and_grads(model, **inputs)
 
-    head_calls = []
-    model.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
+    head_outputs = record_head_outputs(model)
     patch(model)
     got, got_grads = loss_and_grads(model, **inputs)
-    assert got.logits is None and not head_calls  # the (B, T, V) logits were never built
+    assert got.logits is None and head_outputs == [torch.Size([])]  # the head gave a loss, no (B, T, V) logits
     assert_close(got.loss, expected.loss, **LOSS_TOL)
     assert_same_grads(got_grads, expected_grads)
 
@@ -329,7 +235,7 @@ def test_unsupported_models_are_refused() -> None:
         patch(model)
     model = tiny_model("llama")
     model.lm_head = torch.nn.Sequential(model.lm_head)
-    with pytest.raises(TypeError, match="not a plain torch.nn.Linear"):
+    with pytest.raises(TypeError, match="is a Sequential, not a torch.nn.Linear, PEFT LoRA Linear"):
         patch(model)
     assert not is_patched(model)
 
@@ -404,10 +310,9 @@ def test_patch_trainer_honours_label_smoothing_factor(factor, tmp_path) -> None:
     expected = reference.compute_loss(reference.model, dict(inputs))
     trainer = patch_trainer(_trainer(copy.deepcopy(reference.model), tmp_path / "new", label_smoothing_factor=factor))
     assert trainer.label_smoother is None and is_patched(trainer.model)
-    head_calls = []
-    hook = trainer.model.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+    head_outputs = record_head_outputs(trainer.model)
     got = trainer.compute_loss(trainer.model, dict(inputs))
-    assert not head_calls  # the loss came from tokenloss, without the logits
+    assert head_outputs == [torch.Size([])]  # the loss came from tokenloss, without the logits
     assert_close(got, expected, **LOSS_TOL)
     if factor:
         assert_close(got, tl.cross_entropy(
@@ -415,8 +320,7 @@ def test_patch_trainer_honours_label_smoothing_factor(factor, tmp_path) -> None:
             shift=True, label_smoothing=factor,
         ), **LOSS_TOL)  # fmt: skip
     trainer.train()
-    hook.remove()
-    assert trainer.state.global_step == 2 and not head_calls
+    assert trainer.state.global_step == 2 and set(head_outputs) == {torch.Size([])}
 
 
 def test_patch_trainer_refuses_two_smoothings(tmp_path) -> None:

@@ -18,15 +18,16 @@ original forward runs untouched (generation is unaffected).
 
 Only model classes whose forward is known to be "base model -> LM head -> optional soft-cap ->
 causal-LM loss" are accepted (:data:`SUPPORTED_MODELS`); anything else (another architecture, a
-subclass that overrides ``forward``, a custom ``loss_function``, an LM head that is not a plain
-``nn.Linear``) is refused with a TypeError rather than silently computing something else.
+subclass that overrides ``forward``, a custom ``loss_function``, a head that is not a linear map)
+is refused with a TypeError rather than silently computing something else.
 
-Limitations: the LM head's weight is read directly, so schemes that materialise the weight only
-inside ``lm_head.forward`` (DeepSpeed ZeRO-3, FSDP1 without ``use_orig_params``, accelerate's
-device-map offloading of the head) are refused at call time when the weight is empty, and PEFT
-adapters on the LM head are not supported (patch ``peft_model.get_base_model()``; adapters elsewhere
-are fine). The Trainer's own ``label_smoothing_factor`` takes the labels away from the model (its
-label smoother computes the loss from the logits): :func:`patch_trainer` moves it into the patch.
+The head may be an ``nn.Linear``, a PEFT LoRA layer or ``modules_to_save`` copy of one, or a head
+sharded in its own FSDP2 unit (:mod:`tokenloss.integrations.heads`); the loss runs inside the
+head module's own call, so the hooks of FSDP2 and DeepSpeed ZeRO-3 gather its weight and reduce its
+gradient as they do for the logits. A head offloaded by accelerate's ``device_map`` (a ``meta``
+weight) is refused at patch time. The Trainer's own ``label_smoothing_factor`` takes the labels
+away from the model (its label smoother computes the loss from the logits): :func:`patch_trainer`
+moves it into the patch.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import torch
 from torch import nn
 
 from tokenloss.functional import cross_entropy, linear_cross_entropy
+from tokenloss.integrations.heads import call_head, check_head
 from tokenloss.ops import IMPLEMENTATIONS
 from tokenloss.options import OPTION_NAMES, LossOptions
 
@@ -112,7 +114,7 @@ def patch(model: nn.Module, *, skip_logits: bool | None = None, **loss_options: 
 
     Raises:
         TypeError: an unsupported model (the message names the supported classes), a custom
-            ``loss_function``, an LM head that is not an ``nn.Linear``, an unknown option or one
+            ``loss_function``, an LM head that is not a linear map, an unknown option or one
             that the patch sets itself (shift, softcap, num_items, ...).
         ValueError: an option out of range (as :func:`tokenloss.linear_cross_entropy`); an LM
             head whose weight is on the ``meta`` device (offloaded by accelerate).
@@ -227,18 +229,7 @@ def _supported_class(model: nn.Module) -> type:
             f"{name} uses a custom loss_function ({getattr(model.loss_function, '__name__', model.loss_function)}); "
             "patch replaces only the standard ForCausalLMLoss"
         )
-    head = model.get_output_embeddings()
-    if type(head) is not nn.Linear:
-        raise TypeError(
-            f"the LM head of {name} is a {type(head).__name__}, not a plain torch.nn.Linear (a PEFT adapter or "
-            "quantized layer?); patch reads its weight directly and supports only nn.Linear"
-        )
-    if head.weight.device.type == "meta":
-        raise ValueError(
-            f"the LM head of {name} has its weight on the 'meta' device (offloaded by accelerate's device_map, or not "
-            "materialised yet); patch reads the weight itself: load the head onto a real device (e.g. "
-            "device_map={'lm_head': 0} or 'cpu'), or do not patch this model"
-        )
+    check_head(model.get_output_embeddings(), name)
     if _base_model(model) is model:
         raise TypeError(f"{name} has no base model at {model.base_model_prefix!r}")
     return cls
@@ -304,21 +295,19 @@ def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any):
     softcap = getattr(self.config, "final_logit_softcapping", None)
     skip = state.skip_logits if state.skip_logits is not None else self.training
     if skip:
-        if head.weight.numel() == 0:
-            raise RuntimeError(
-                "the LM head's weight is empty outside its forward (DeepSpeed ZeRO-3 / FSDP1 / offloading?); "
-                "tokenloss.integrations.transformers.patch needs the weight itself: unpatch the model"
-            )
-        loss = linear_cross_entropy(
-            hidden,
-            head.weight,
-            targets,
-            bias=head.bias,
-            shift=shift_labels is None,
-            softcap=softcap,
-            num_items=num_items,
-            **options,
-        )
+
+        def loss_from(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            if weight.numel() == 0:
+                raise RuntimeError(
+                    "the LM head's weight is empty even inside its own call (a partitioned weight that no hook "
+                    "gathers?); tokenloss.integrations.transformers.patch needs the weight: unpatch the model"
+                )
+            return linear_cross_entropy(
+                hidden, weight, targets, bias=bias, shift=shift_labels is None, softcap=softcap, num_items=num_items,
+                **options,
+            )  # fmt: skip
+
+        loss = call_head(head, hidden, loss_from)
         logits = None
     else:
         logits = head(hidden)  # (B, T, V)
