@@ -30,6 +30,7 @@ import math
 import torch
 from torch import Tensor
 
+from tokenloss.ops.autocast import autocast_inputs, autocast_off, backward_without_autocast
 from tokenloss.ops.linear_cross_entropy import counted_row_index, gradients_needed
 from tokenloss.ops.rowwise import accumulation_dtype, refuse_double_backward
 from tokenloss.options import LossOptions, check_linear_inputs, prepare_targets
@@ -213,6 +214,7 @@ class _FusedDistillation(torch.autograd.Function):
         return losses
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad_output):
         refuse_double_backward("linear_distillation_loss")
         if ctx.sinks is not None:
@@ -308,6 +310,9 @@ def linear_distillation_loss(
         >>> loss.item() >= 0 and student.grad.shape == (4, 8)
         True
     """
+    # as nn.Linear heads under torch.autocast
+    student_hidden, student_weight, student_bias = autocast_inputs(student_hidden, student_weight, student_bias)
+    teacher_hidden, teacher_weight, teacher_bias = autocast_inputs(teacher_hidden, teacher_weight, teacher_bias)
     check_linear_inputs(student_hidden, student_weight, student_bias, weight_name="student_weight",
                         bias_name="student_bias", hidden_name="student_hidden")  # fmt: skip
     check_linear_inputs(teacher_hidden, teacher_weight, teacher_bias, weight_name="teacher_weight",
@@ -354,11 +359,12 @@ def linear_distillation_loss(
     if options.reduction != "none" and divergence != "jsd" and any(needs):
         one = torch.ones((), dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
         reduce_scale = one / prepared.denominator.to(one.dtype) if options.reduction == "mean" else one
-    losses = _FusedDistillation.apply(
-        hidden, student_weight, student_bias, teacher, teacher_weight.detach(),
-        teacher_bias.detach() if teacher_bias is not None else None,
-        rows_targets if config["hard_weight"] else None, chunk, config, reduce_scale, needs,
-    )  # fmt: skip
+    with autocast_off(hidden.device):
+        losses = _FusedDistillation.apply(
+            hidden, student_weight, student_bias, teacher, teacher_weight.detach(),
+            teacher_bias.detach() if teacher_bias is not None else None,
+            rows_targets if config["hard_weight"] else None, chunk, config, reduce_scale, needs,
+        )  # fmt: skip
     if reduce_scale is not None:
         return losses
     if index is not None:

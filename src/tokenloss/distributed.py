@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from tokenloss.ops.autocast import backward_without_autocast
 from tokenloss.ops.cross_entropy import plain_chunk_rows
 from tokenloss.ops.linear_cross_entropy import counted_row_index, fused_chunk_rows
 from tokenloss.ops.rowwise import (
@@ -427,6 +428,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad_loss: Tensor):
         refuse_double_backward("distributed.vocab_parallel_linear_cross_entropy")
         hidden, weight, bias, local_targets, in_shard, weights, shift, log_sum, alpha, beta, delta = ctx.saved_tensors

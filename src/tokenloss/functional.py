@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from tokenloss.ops import resolve_impl
+from tokenloss.ops.autocast import autocast_inputs, autocast_off
 from tokenloss.options import (
     LossOptions,
     check_class_weight,
@@ -186,6 +187,7 @@ def linear_cross_entropy(
         >>> round(tl.linear_cross_entropy(hidden, weight, torch.tensor([1, 3])).item(), 3)
         1.609
     """
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)  # as nn.Linear under torch.autocast
     check_linear_inputs(hidden, weight, bias)
     prepared = prepare_targets(
         tuple(hidden.shape[:-1]),
@@ -201,7 +203,8 @@ def linear_cross_entropy(
         device=hidden.device,
     )
     module = _rows_module(impl, hidden.device, class_weights=class_weight is not None, name="class_weight")
-    loss = module.linear_cross_entropy_loss(hidden.reshape(-1, hidden.shape[-1]), weight, bias, prepared, options)
+    with autocast_off(hidden.device):
+        loss = module.linear_cross_entropy_loss(hidden.reshape(-1, hidden.shape[-1]), weight, bias, prepared, options)
     return prepared.reduce(loss, "none") if options.reduction == "none" else loss
 
 

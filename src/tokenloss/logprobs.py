@@ -25,6 +25,7 @@ import math
 import torch
 from torch import Tensor
 
+from tokenloss.ops.autocast import autocast_inputs, autocast_off, backward_without_autocast
 from tokenloss.ops.cross_entropy import plain_chunk_rows
 from tokenloss.ops.linear_cross_entropy import (
     _chunk_logits,
@@ -161,6 +162,7 @@ class _LinearTokenLogprobsFunction(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, g_logp, g_ent):
         refuse_double_backward("linear_token_logprobs")
         hidden, weight, bias, targets, shift, log_sum, ent = ctx.saved_tensors
@@ -300,6 +302,7 @@ def linear_token_logprobs(
         -1.3863
     """
     temperature = _check_temperature(temperature)
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)  # as nn.Linear under torch.autocast
     check_linear_inputs(hidden, weight, bias)
     vocab_size = weight.shape[0]
     options, prepared = _prepare(
@@ -312,14 +315,15 @@ def linear_token_logprobs(
     if index is not None:  # rows that do not count never reach a product
         rows, targets = rows.index_select(0, index), targets.index_select(0, index)
     chunk_rows = fused_chunk_rows(rows.shape[0], vocab_size, chunk_size=options.chunk_size, device=hidden.device)
-    logp, ent = _LinearTokenLogprobsFunction.apply(
-        rows.contiguous(),
-        weight.contiguous(),
-        None if bias is None else bias.contiguous(),
-        targets,
-        temperature,
-        return_entropy,
-        chunk_rows,
-        check_inputs,
-    )
+    with autocast_off(hidden.device):
+        logp, ent = _LinearTokenLogprobsFunction.apply(
+            rows.contiguous(),
+            weight.contiguous(),
+            None if bias is None else bias.contiguous(),
+            targets,
+            temperature,
+            return_entropy,
+            chunk_rows,
+            check_inputs,
+        )
     return _outputs(prepared, index, logp, ent, return_entropy)

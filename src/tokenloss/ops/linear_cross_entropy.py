@@ -45,6 +45,7 @@ import os
 import torch
 from torch import Tensor
 
+from tokenloss.ops.autocast import backward_without_autocast
 from tokenloss.ops.rowwise import (
     RowStatistics,
     accumulation_dtype,
@@ -410,6 +411,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return total / denominator.to(acc) if options.reduction == "mean" else total
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad_output: Tensor):
         refuse_double_backward("linear_cross_entropy")
         if ctx.options.reduction == "none":

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tokenloss.ops.autocast import backward_without_autocast
 from tokenloss.ops.linear_cross_entropy import gradients_needed
 from tokenloss.ops.rowwise import (
     RowStatistics,
@@ -496,6 +497,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         return total / denominator.to(acc) if options.reduction == "mean" else total
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad_output: Tensor):
         refuse_double_backward("linear_cross_entropy")
         if ctx.in_forward:
