@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from tokenloss.ops.autocast import autocast_inputs, autocast_off, backward_without_autocast
+from tokenloss.ops.compiling import eager_under_compile
 from tokenloss.ops.linear_cross_entropy import counted_row_index, gradients_needed
 from tokenloss.ops.rowwise import accumulation_dtype, refuse_double_backward
 from tokenloss.options import LossOptions, check_linear_inputs, prepare_targets
@@ -214,6 +215,7 @@ class _FusedDistillation(torch.autograd.Function):
         return losses
 
     @staticmethod
+    @eager_under_compile
     @backward_without_autocast
     def backward(ctx, grad_output):
         refuse_double_backward("linear_distillation_loss")
@@ -246,6 +248,7 @@ class _FusedDistillation(torch.autograd.Function):
         return (*sinks.gradients(), *([None] * 8))
 
 
+@eager_under_compile
 def linear_distillation_loss(
     student_hidden: Tensor,
     student_weight: Tensor,

@@ -55,6 +55,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from tokenloss.ops.autocast import backward_without_autocast
+from tokenloss.ops.compiling import eager_under_compile
 from tokenloss.ops.cross_entropy import plain_chunk_rows
 from tokenloss.ops.linear_cross_entropy import counted_row_index, fused_chunk_rows
 from tokenloss.ops.rowwise import (
@@ -284,6 +285,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @eager_under_compile
     def backward(ctx, grad_loss: Tensor):
         refuse_double_backward("distributed.vocab_parallel_cross_entropy")
         logits, local_targets, in_shard, weights, shift, log_sum, alpha, beta, delta = ctx.saved_tensors
@@ -428,6 +430,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @eager_under_compile
     @backward_without_autocast
     def backward(ctx, grad_loss: Tensor):
         refuse_double_backward("distributed.vocab_parallel_linear_cross_entropy")

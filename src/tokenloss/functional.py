@@ -9,6 +9,7 @@ from torch import Tensor
 
 from tokenloss.ops import resolve_impl
 from tokenloss.ops.autocast import autocast_inputs, autocast_off
+from tokenloss.ops.compiling import eager_under_compile
 from tokenloss.options import (
     LossOptions,
     check_class_weight,
@@ -28,6 +29,7 @@ def _rows_module(impl: str, device: torch.device, *, class_weights: bool = False
     return importlib.import_module("tokenloss.ops.triton" if name == "triton" else "tokenloss.ops")
 
 
+@eager_under_compile
 @takes_loss_options
 def cross_entropy(
     logits: Tensor,
@@ -134,6 +136,7 @@ def cross_entropy(
     return prepared.reduce(rows, options.reduction)
 
 
+@eager_under_compile
 @takes_loss_options
 def linear_cross_entropy(
     hidden: Tensor,

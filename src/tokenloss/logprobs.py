@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from tokenloss.ops.autocast import autocast_inputs, autocast_off, backward_without_autocast
+from tokenloss.ops.compiling import eager_under_compile
 from tokenloss.ops.cross_entropy import plain_chunk_rows
 from tokenloss.ops.linear_cross_entropy import (
     _chunk_logits,
@@ -121,6 +122,7 @@ class _TokenLogprobsFunction(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
+    @eager_under_compile
     def backward(ctx, g_logp, g_ent):
         refuse_double_backward("token_logprobs")
         logits, targets, shift, log_sum, ent = ctx.saved_tensors
@@ -162,6 +164,7 @@ class _LinearTokenLogprobsFunction(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
+    @eager_under_compile
     @backward_without_autocast
     def backward(ctx, g_logp, g_ent):
         refuse_double_backward("linear_token_logprobs")
@@ -207,6 +210,7 @@ def _outputs(prepared, index, logp, ent, return_entropy: bool):
     return logp, prepared.reduce(ent, "none")
 
 
+@eager_under_compile
 def token_logprobs(
     logits: Tensor,
     tokens: Tensor,
@@ -266,6 +270,7 @@ def token_logprobs(
     return _outputs(prepared, index, logp, ent, return_entropy)
 
 
+@eager_under_compile
 def linear_token_logprobs(
     hidden: Tensor,
     weight: Tensor,

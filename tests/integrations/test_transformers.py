@@ -352,3 +352,24 @@ def test_bf16_autocast_follows_the_unpatched_head() -> None:
         return ((a - expected).norm() / expected.norm()).item()
 
     assert distance(got) < 0.65 * distance(float32), (distance(got), distance(float32))
+
+
+def test_torch_compile_does_not_recompile_across_counted_token_numbers() -> None:
+    """torch.compile of a patched model: batches with different numbers of counted tokens reuse the graphs
+    compiled for the first (the fused loss is one eager call), with the eager model's loss and gradients."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = patch(tiny_model("llama").train())
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    frames = []
+    for ignored in range(1, 5):
+        inputs = batch(ignored)
+        inputs["labels"][0, :ignored] = -100
+        got, got_grads = loss_and_grads(compiled, **inputs)
+        expected, expected_grads = loss_and_grads(model, **inputs)
+        assert_close(got.loss, expected.loss, **LOSS_TOL)
+        assert_same_grads({name.removeprefix("_orig_mod."): g for name, g in got_grads.items()}, expected_grads)
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames == [frames[0]] * 4, frames

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokenloss.ops.compiling import eager_under_compile
 from tokenloss.ops.rowwise import (
     accumulation_dtype,
     check_finite_rows,
@@ -84,6 +85,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @eager_under_compile
     def backward(ctx, grad_loss: Tensor):
         refuse_double_backward("cross_entropy")
         logits, targets, weights, shift, log_sum, alpha, beta, delta = ctx.saved_tensors

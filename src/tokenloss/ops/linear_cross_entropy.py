@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from tokenloss.ops.autocast import backward_without_autocast
+from tokenloss.ops.compiling import eager_under_compile
 from tokenloss.ops.rowwise import (
     RowStatistics,
     accumulation_dtype,
@@ -411,6 +412,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return total / denominator.to(acc) if options.reduction == "mean" else total
 
     @staticmethod
+    @eager_under_compile
     @backward_without_autocast
     def backward(ctx, grad_output: Tensor):
         refuse_double_backward("linear_cross_entropy")

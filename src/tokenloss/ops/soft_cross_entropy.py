@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokenloss.ops.compiling import eager_under_compile
 from tokenloss.ops.cross_entropy import plain_chunk_rows
 from tokenloss.ops.rowwise import accumulation_dtype, capped, check_finite_rows, finite_shift, refuse_double_backward
 from tokenloss.options import LossOptions
@@ -63,6 +64,7 @@ class SoftCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @eager_under_compile
     def backward(ctx, grad_loss):
         refuse_double_backward("cross_entropy (probability targets)")
         logits, probs, weights, shift, log_sum = ctx.saved_tensors

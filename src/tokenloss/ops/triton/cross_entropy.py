@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tokenloss.ops.compiling import eager_under_compile
 from tokenloss.ops.rowwise import (
     RowStatistics,
     accumulation_dtype,
@@ -244,6 +245,7 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @eager_under_compile
     def backward(ctx, grad_loss: Tensor):
         refuse_double_backward("cross_entropy")
         logits, targets, weights, lse, alpha, beta, delta = ctx.saved_tensors

@@ -47,6 +47,7 @@ import triton.language as tl
 from torch import Tensor
 
 from tokenloss.ops.autocast import backward_without_autocast
+from tokenloss.ops.compiling import eager_under_compile
 from tokenloss.ops.linear_cross_entropy import gradients_needed
 from tokenloss.ops.rowwise import (
     RowStatistics,
@@ -497,6 +498,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         return total / denominator.to(acc) if options.reduction == "mean" else total
 
     @staticmethod
+    @eager_under_compile
     @backward_without_autocast
     def backward(ctx, grad_output: Tensor):
         refuse_double_backward("linear_cross_entropy")
