@@ -6,6 +6,7 @@ The public API::
     tl.linear_cross_entropy(hidden, weight, targets, ...)   # fused with the LM head: no (N, V) logits
     tl.CrossEntropyLoss(...), tl.LinearCrossEntropyLoss(...)  # the same as nn.Modules
     tl.LossOptions(...)                                     # the options, listed and checked once
+    tl.cross_entropy(..., return_token_accuracy=True, return_z_loss=True, return_lse=True)  # + what trainers log
     tl.token_logprobs(logits, tokens), tl.linear_token_logprobs(hidden, weight, tokens)  # RL: logp, entropy
     tl.linear_distillation_loss(student_hidden, student_weight, teacher_hidden, teacher_weight)  # KD, fused
 
@@ -21,11 +22,13 @@ from tokenloss.functional import cross_entropy, linear_cross_entropy
 from tokenloss.logprobs import linear_token_logprobs, token_logprobs
 from tokenloss.modules import CrossEntropyLoss, LinearCrossEntropyLoss
 from tokenloss.options import LossOptions
+from tokenloss.side_outputs import CrossEntropyOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CrossEntropyLoss",
+    "CrossEntropyOutput",
     "LinearCrossEntropyLoss",
     "LossOptions",
     "cross_entropy",

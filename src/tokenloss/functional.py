@@ -18,12 +18,22 @@ from tokenloss.options import (
     prepare_targets,
     takes_loss_options,
 )
+from tokenloss.side_outputs import CrossEntropyOutput, SideRows, side_outputs
 
 
-def _rows_module(impl: str, device: torch.device, *, class_weights: bool = False, name: str = "weight"):
+def _rows_module(
+    impl: str, device: torch.device, *, class_weights: bool = False, name: str = "weight", side_outputs: bool = False
+):
     if class_weights:  # the Triton kernels subtract a constant for label smoothing, not a vector
         if impl == "triton":
             raise ValueError(f"{name} (per-class weights) runs on the torch implementation: use impl='auto' or 'torch'")
+        impl = "torch"
+    if side_outputs:  # the Triton kernels record neither the argmax nor the rows' log-sum-exp
+        if impl == "triton":
+            raise ValueError(
+                "return_z_loss/return_token_accuracy/return_lse run on the torch implementation: use impl='auto' or "
+                "'torch'"
+            )
         impl = "torch"
     name = resolve_impl(impl, device)
     return importlib.import_module("tokenloss.ops.triton" if name == "triton" else "tokenloss.ops")
@@ -42,7 +52,10 @@ def cross_entropy(
     options: LossOptions,
     impl: str = "auto",
     inplace_backward: bool = False,
-) -> Tensor:
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+    return_lse: bool = False,
+) -> Tensor | CrossEntropyOutput:
     """Cross-entropy of next-token prediction from logits, exact against ``F.cross_entropy``.
 
     Per counted position with (soft-capped) logits ``z`` and target ``t``::
@@ -80,12 +93,16 @@ def cross_entropy(
         inplace_backward: write the gradient into ``logits``' storage in the backward pass
             (saves one ``(N, V)`` tensor; ``logits`` is overwritten, so use it only when nothing
             else reads them after the loss).
+        return_z_loss, return_token_accuracy, return_lse: also return the z-loss term alone, the
+            token accuracy and the per-position log-sum-exp, from the same pass over the logits
+            (:class:`~tokenloss.side_outputs.CrossEntropyOutput`; class-index targets, torch path).
         **options: the loss options listed below (``shift``, ``reduction``, ``label_smoothing``, ...).
 
     Returns:
         A scalar for ``"mean"``/``"sum"``; a tensor shaped like ``targets`` (after the shift) for
         ``"none"``. float32, or float64 for float64 logits. A batch where nothing counts gives exactly 0.0 and zero
-        gradients.
+        gradients. With any ``return_*`` flag, a :class:`~tokenloss.side_outputs.CrossEntropyOutput`
+        ``(loss, z_loss, token_accuracy, lse)`` with None for what was not asked for.
 
     Raises:
         TypeError: ``logits`` not floating, ``targets`` neither integer nor floating, ``mask`` not bool.
@@ -100,7 +117,10 @@ def cross_entropy(
         1.609
     """
     check_logits(logits)
+    side = _side_rows(return_z_loss, return_token_accuracy, return_lse)
     if isinstance(targets, Tensor) and targets.dtype.is_floating_point:
+        if side is not None:
+            raise ValueError("return_z_loss/return_token_accuracy/return_lse need class-index targets")
         return _probability_cross_entropy(
             logits, targets, mask, token_weights, num_items, weight, options, impl, inplace_backward
         )
@@ -122,8 +142,10 @@ def cross_entropy(
         class_weight=weight,
         device=logits.device,
     )
-    module = _rows_module(impl, logits.device, class_weights=weight is not None)
+    module = _rows_module(impl, logits.device, class_weights=weight is not None, side_outputs=side is not None)
     extra = {} if weight is None else {"class_weights": prepared.class_weights}
+    if side is not None:
+        extra["side"] = side
     rows = module.cross_entropy_rows(
         logits.reshape(-1, vocab_size),
         prepared.targets,
@@ -133,7 +155,9 @@ def cross_entropy(
         inplace_backward=inplace_backward,
         **extra,
     )
-    return prepared.reduce(rows, options.reduction)
+    loss = prepared.reduce(rows, options.reduction)
+    return loss if side is None else _with_side_outputs(loss, side, prepared, options, return_z_loss,
+                                                        return_token_accuracy, return_lse)  # fmt: skip
 
 
 @eager_under_compile
@@ -150,7 +174,10 @@ def linear_cross_entropy(
     class_weight: Tensor | None = None,
     options: LossOptions,
     impl: str = "auto",
-) -> Tensor:
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+    return_lse: bool = False,
+) -> Tensor | CrossEntropyOutput:
     """Cross-entropy of ``hidden @ weight.T + bias`` without ever holding the ``(N, V)`` logits.
 
     Equal to ``cross_entropy(hidden @ weight.T + bias, targets, ...)`` in value and gradients
@@ -171,12 +198,18 @@ def linear_cross_entropy(
         class_weight: optional ``(V,)`` per-class weights: :func:`cross_entropy`'s ``weight`` (here
             ``weight`` is the LM head).
         impl: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`tokenloss.ops`).
+        return_z_loss, return_token_accuracy, return_lse: as in :func:`cross_entropy`, from the same
+            chunks of logits (torch path).
         **options: the loss options listed below; ``chunk_size=None`` picks the rows per chunk from
             N, V and the free memory (:func:`tokenloss.ops.linear_cross_entropy.fused_chunk_rows`).
+
+    Under ``torch.autocast`` the product runs in the autocast dtype, as an ``nn.Linear`` head's would
+    (:mod:`tokenloss.ops.autocast`).
 
     Returns:
         A float32 scalar for ``"mean"``/``"sum"`` (float64 for float64 inputs); for ``"none"`` the
         per-position losses shaped like ``targets`` (after the shift), 0.0 where nothing counts.
+        With any ``return_*`` flag, a :class:`~tokenloss.side_outputs.CrossEntropyOutput`.
 
     Raises:
         TypeError: a non-floating ``hidden``/``weight``/``bias`` or dtypes that differ; targets,
@@ -205,10 +238,36 @@ def linear_cross_entropy(
         input_name="hidden",
         device=hidden.device,
     )
-    module = _rows_module(impl, hidden.device, class_weights=class_weight is not None, name="class_weight")
+    side = _side_rows(return_z_loss, return_token_accuracy, return_lse)
+    module = _rows_module(
+        impl, hidden.device, class_weights=class_weight is not None, name="class_weight", side_outputs=side is not None
+    )
+    extra = {} if side is None else {"side": side}
     with autocast_off(hidden.device):
-        loss = module.linear_cross_entropy_loss(hidden.reshape(-1, hidden.shape[-1]), weight, bias, prepared, options)
-    return prepared.reduce(loss, "none") if options.reduction == "none" else loss
+        loss = module.linear_cross_entropy_loss(
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, prepared, options, **extra
+        )
+    loss = prepared.reduce(loss, "none") if options.reduction == "none" else loss
+    return loss if side is None else _with_side_outputs(loss, side, prepared, options, return_z_loss,
+                                                        return_token_accuracy, return_lse)  # fmt: skip
+
+
+def _side_rows(return_z_loss: bool, return_token_accuracy: bool, return_lse: bool) -> SideRows | None:
+    """What the forward pass must record for the side outputs asked for; None when none is."""
+    for name, value in (("return_z_loss", return_z_loss), ("return_token_accuracy", return_token_accuracy),
+                        ("return_lse", return_lse)):  # fmt: skip
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if not (return_z_loss or return_token_accuracy or return_lse):
+        return None
+    return SideRows(argmax=return_token_accuracy)
+
+
+def _with_side_outputs(loss, side, prepared, options, return_z_loss, return_token_accuracy, return_lse):
+    return side_outputs(
+        loss, side, prepared, options, return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+        return_lse=return_lse,
+    )  # fmt: skip
 
 
 def _probability_cross_entropy(

@@ -25,6 +25,7 @@ from tokenloss.ops.rowwise import (
     scale_coefficients,
 )
 from tokenloss.options import ClassWeights, LossOptions
+from tokenloss.side_outputs import SideRows
 
 # A chunk of 2**23 elements (32 MiB of float32, about the last-level cache of a server CPU). Each
 # chunk costs about five passes, each a parallel region of the intra-op thread pool; on a busy CPU
@@ -57,12 +58,16 @@ class CrossEntropyFunction(torch.autograd.Function):
         inplace_backward: bool,
         chunk_rows: int,
         class_weights: ClassWeights | None,
+        side: SideRows | None,
     ) -> Tensor:
         n_rows, vocab_size = logits.shape
         class_weight = None if class_weights is None else class_weights.weight
         acc = accumulation_dtype(logits.dtype)
         weights = weights.to(acc)
         buffer = logits.new_empty(min(chunk_rows, n_rows), vocab_size, dtype=acc)  # (n, V) scratch, reused
+        predicted = None
+        if side is not None and side.argmax:
+            predicted = side.predicted = torch.empty(n_rows, dtype=torch.long, device=logits.device)
         stats = chunked_statistics(
             n_rows,
             chunk_rows,
@@ -70,9 +75,16 @@ class CrossEntropyFunction(torch.autograd.Function):
             acc,
             logits.device,
             lambda rows: chunk_statistics(
-                logits[rows], targets[rows], options, buffer=buffer, class_weight=class_weight
+                logits[rows],
+                targets[rows],
+                options,
+                buffer=buffer,
+                class_weight=class_weight,
+                argmax_out=None if predicted is None else predicted[rows],
             ),
         )
+        if side is not None:
+            side.lse = stats.lse
         # Ignored rows may hold NaN/inf (padding); their gradient rows are then zeroed explicitly.
         # Without the check (check_inputs=False) that is not guaranteed.
         loss, alpha, beta, delta = loss_and_coefficients(
@@ -114,7 +126,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             )
             if skipped is not None:
                 grad[rows].masked_fill_(skipped[rows], 0)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def cross_entropy_rows(
@@ -126,13 +138,14 @@ def cross_entropy_rows(
     *,
     inplace_backward: bool = False,
     class_weights: ClassWeights | None = None,
+    side: SideRows | None = None,
 ) -> Tensor:
     """Per-row weighted losses ``(N,)`` float32 of ``(N, V)`` logits (see :mod:`tokenloss.ops.rowwise`).
 
     ``options.chunk_size`` rows per chunk (None: :func:`plain_chunk_rows`); ``class_weights``: per-class
-    weights (PyTorch's ``weight``).
+    weights (PyTorch's ``weight``); ``side``: filled with every row's log-sum-exp (and argmax) when given.
     """
     chunk_rows = plain_chunk_rows(logits.shape[-1], options.chunk_size)
     return CrossEntropyFunction.apply(
-        logits, targets, weights, counted, options, inplace_backward, chunk_rows, class_weights
+        logits, targets, weights, counted, options, inplace_backward, chunk_rows, class_weights, side
     )

@@ -55,11 +55,13 @@ from tokenloss.ops.rowwise import (
     finite_shift,
     loss_and_coefficients,
     refuse_double_backward,
+    row_maximum,
     scale_coefficients,
     smoothing_sum,
     subtract_smoothing,
 )
 from tokenloss.options import ClassWeights, LossOptions, PreparedTargets
+from tokenloss.side_outputs import SideRows
 
 # Chunk rule (see :func:`fused_chunk_rows`). Every chunk streams the whole (V, D) weight through two
 # products and the (V, D) grad_weight accumulator through a third, so the time beyond the three
@@ -169,7 +171,11 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, buffer: T
 
 
 def _statistics_inplace(
-    logits: Tensor, targets: Tensor, options: LossOptions, class_weight: Tensor | None = None
+    logits: Tensor,
+    targets: Tensor,
+    options: LossOptions,
+    class_weight: Tensor | None = None,
+    argmax_out: Tensor | None = None,
 ) -> tuple[Tensor, RowStatistics, Tensor]:
     """Per-row statistics of a chunk, leaving ``exp(z - max)`` in a float buffer.
 
@@ -182,6 +188,8 @@ def _statistics_inplace(
             and there is no softcap.
         targets: ``(n,)`` int64 in ``[0, V)``.
         options: loss options.
+        class_weight: optional ``(V,)`` per-class weights (for the smoothing statistic).
+        argmax_out: optional ``(n,)`` int64, receives each row's argmax (found with the maximum).
 
     Returns:
         ``(exp_shifted, stats, row_sum)``: ``exp_shifted`` ``(n, V)`` holds ``exp(z - max_row)``,
@@ -189,7 +197,7 @@ def _statistics_inplace(
         of ``exp_shifted`` (so ``softmax = exp_shifted / row_sum``).
     """
     z = capped(logits, options.softcap)  # no copy for float32/float64 without a cap
-    shift = finite_shift(z.amax(dim=-1))
+    shift = finite_shift(row_maximum(z, argmax_out))
     shifted = z.sub_(shift.unsqueeze(1))  # (n, V) z - m, exact near the maximum
     target_logit = shifted.gather(1, targets.unsqueeze(1)).squeeze(1)
     logit_sum = smoothing_sum(shifted, options, class_weight)
@@ -312,12 +320,14 @@ def _fused_chunks(
     row_scale: Tensor | None,
     sink: _GradientSink | None,
     class_weights: ClassWeights | None = None,
+    predicted: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward chunk loop: per-row losses ``(M,)``, and the gradients into ``sink`` if given.
 
     ``row_scale`` ``(M,)`` multiplies each row's gradient (weight / denominator for ``"mean"``).
     Returns ``(loss, shift, log_sum, alpha, beta, delta)``, each ``(M,)`` in the accumulation dtype; the
-    coefficients are unscaled (what ``"none"`` saves for its backward pass).
+    coefficients are unscaled (what ``"none"`` saves for its backward pass). ``predicted`` ``(M,)``
+    int64, when given, receives each row's argmax.
     """
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
@@ -328,7 +338,9 @@ def _fused_chunks(
         h = hidden[rows]
         logits = _chunk_logits(h, weight, bias, buffer)
         class_weight = None if class_weights is None else class_weights.weight
-        probs, stats, row_sum = _statistics_inplace(logits, targets[rows], options, class_weight)
+        probs, stats, row_sum = _statistics_inplace(
+            logits, targets[rows], options, class_weight, None if predicted is None else predicted[rows]
+        )
         loss, alpha, beta, delta = loss_and_coefficients(
             stats,
             weights[rows],
@@ -377,6 +389,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         chunk_rows: int,
         needs: tuple[bool, bool, bool],  # grad of hidden, weight, bias wanted
         class_weights: ClassWeights | None,  # of the M rows
+        side: SideRows | None,  # filled with the M rows' lse (and argmax) when given
     ) -> Tensor:
         acc = accumulation_dtype(hidden.dtype)
         ctx.class_weights = class_weights
@@ -388,6 +401,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if grad_now:
             row_scale = weights / denominator.to(acc) if options.reduction == "mean" else weights
         sink = _GradientSink(hidden, weight, bias, needs) if grad_now else None
+        predicted = None
+        if side is not None and side.argmax:
+            predicted = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
         loss, shift, log_sum, alpha, beta, delta = _fused_chunks(
             hidden,
             weight,
@@ -399,7 +415,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             row_scale=row_scale,
             sink=sink,
             class_weights=class_weights,
+            predicted=predicted,
         )
+        if side is not None:
+            side.lse, side.predicted = shift + log_sum, predicted
         if options.check_inputs:
             counted = torch.ones_like(shift, dtype=torch.bool)  # only counted rows reach this Function
             check_finite_rows(shift + log_sum, counted, "logits (hidden @ weight.T + bias)", loss)
@@ -433,7 +452,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if scale.device.type != "cpu" or scale.item() != 1:
                 grads = tuple(None if g is None else g.mul_(scale.to(g.dtype)) for g in grads)
         grads = tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def _recompute_gradients(ctx, grad_rows: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -491,6 +510,8 @@ def linear_cross_entropy_loss(
     bias: Tensor | None,
     prepared: PreparedTargets,
     options: LossOptions,
+    *,
+    side: SideRows | None = None,
 ) -> Tensor:
     """The loss of ``hidden @ weight.T + bias`` without the ``(N, V)`` logits.
 
@@ -501,6 +522,8 @@ def linear_cross_entropy_loss(
         prepared: targets from :func:`tokenloss.options.prepare_targets` for the N rows.
         options: loss options; ``options.reduction`` chooses the output, ``options.chunk_size``
             the rows per chunk (None: :func:`fused_chunk_rows`).
+        side: filled with the ``(N,)`` rows' log-sum-exp (and argmax) when given (0 and -1 where a
+            row does not count).
 
     Returns:
         ``"mean"``/``"sum"``: a 0-dim float32 tensor (float64 for float64 inputs), the sum divided
@@ -530,7 +553,12 @@ def linear_cross_entropy_loss(
         chunk_rows,
         needs,
         class_weights,
+        side,
     )
+    if side is not None and index is not None:  # back to all N rows
+        side.lse = side.lse.new_zeros(n_rows).index_copy(0, index, side.lse)
+        if side.predicted is not None:
+            side.predicted = side.predicted.new_full((n_rows,), -1).index_copy(0, index, side.predicted)
     if options.reduction != "none" or index is None:
         return loss
     return loss.new_zeros(n_rows).index_copy(0, index, loss)

@@ -92,6 +92,7 @@ def chunk_statistics(
     *,
     buffer: Tensor | None = None,
     class_weight: Tensor | None = None,
+    argmax_out: Tensor | None = None,
 ) -> RowStatistics:
     """Statistics of one chunk of rows.
 
@@ -104,6 +105,7 @@ def chunk_statistics(
             chunk allocates (and, on the CPU, page-faults in) its own ``(n, V)`` temporaries.
         class_weight: optional ``(V,)`` per-class weights; with label smoothing, ``logit_sum`` is
             then the weighted sum ``sum_j w_j (z_j - m)``.
+        argmax_out: optional ``(n,)`` int64, receives each row's ``argmax`` (found with the maximum).
 
     Returns:
         :class:`RowStatistics` with ``(n,)`` tensors in the accumulation dtype.
@@ -120,12 +122,21 @@ def chunk_statistics(
         else:
             z = capped(logits, options.softcap)  # (n, V) float32: a copy
         work = z  # our own copy: the exponentials may overwrite it once the gathers are done
-    shift = finite_shift(z.amax(dim=-1))
+    shift = finite_shift(row_maximum(z, argmax_out))
     target_logit = z.gather(1, targets.unsqueeze(1)).squeeze(1) - shift
     shifted = torch.sub(z, shift.unsqueeze(1), out=work)  # (n, V) z - m: exact near the maximum
     logit_sum = smoothing_sum(shifted, options, class_weight)
     log_sum = shifted.exp_().sum(dim=-1).log_()
     return RowStatistics(shift, log_sum, target_logit, logit_sum)
+
+
+def row_maximum(z: Tensor, argmax_out: Tensor | None = None) -> Tensor:
+    """``z.amax(dim=-1)`` ``(n,)``; with ``argmax_out`` ``(n,)`` int64, also the argmax, in the same pass."""
+    if argmax_out is None:
+        return z.amax(dim=-1)
+    values, indices = z.max(dim=-1)
+    argmax_out.copy_(indices)
+    return values
 
 
 def smoothing_sum(shifted: Tensor, options: LossOptions, class_weight: Tensor | None) -> Tensor | None:
