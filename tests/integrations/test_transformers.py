@@ -373,3 +373,36 @@ def test_torch_compile_does_not_recompile_across_counted_token_numbers() -> None
         assert_same_grads({name.removeprefix("_orig_mod."): g for name, g in got_grads.items()}, expected_grads)
         frames.append(counter.frame_count)
     assert frames[0] >= 1 and frames == [frames[0]] * 4, frames
+
+
+def test_apply_patches_the_class_so_from_pretrained_models_are_patched(tmp_path) -> None:
+    """apply(cls): instances built later (from_pretrained) compute the patched loss without logits, equal to
+    the model's own; revert restores the class; names work as classes; another class is refused."""
+    from tokenloss.integrations.transformers import apply, revert
+
+    reference = tiny_model("llama").train()
+    reference.save_pretrained(tmp_path)
+    inputs = batch(2)
+    expected, expected_grads = loss_and_grads(reference, **inputs)
+    cls = type(reference)
+    apply("LlamaForCausalLM")
+    try:
+        model = cls.from_pretrained(tmp_path).train()
+        assert is_patched(model) and not is_patched(tiny_model("gpt2"))
+        assert "labels" in inspect.signature(model.forward).parameters  # the Trainer reads it
+        head_outputs = record_head_outputs(model)
+        got, got_grads = loss_and_grads(model, **inputs)
+        assert got.logits is None and head_outputs == [torch.Size([])]
+        assert_close(got.loss, expected.loss, **LOSS_TOL)
+        assert_same_grads(got_grads, expected_grads)
+        patch(model, label_smoothing=0.1)  # an instance patch keeps its own options
+        assert_close(model(**inputs).loss, tl.cross_entropy(
+            reference(**{k: v for k, v in inputs.items() if k != "labels"}).logits, inputs["labels"], shift=True,
+            label_smoothing=0.1), **LOSS_TOL)  # fmt: skip
+        unpatch(model)
+        assert is_patched(model)  # still through its class
+    finally:
+        revert(cls)
+    assert not is_patched(model) and model(**inputs).logits is not None
+    with pytest.raises(TypeError, match="apply does not support BertLMHeadModel"):
+        apply(transformers.BertLMHeadModel)

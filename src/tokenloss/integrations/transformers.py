@@ -47,7 +47,7 @@ from tokenloss.integrations.heads import call_head, check_head
 from tokenloss.ops import IMPLEMENTATIONS
 from tokenloss.options import OPTION_NAMES, LossOptions
 
-__all__ = ["SUPPORTED_MODELS", "is_patched", "patch", "patch_trainer", "unpatch"]
+__all__ = ["SUPPORTED_MODELS", "apply", "is_patched", "patch", "patch_trainer", "revert", "unpatch"]
 
 #: Causal-LM classes of ``transformers`` whose forward tokenloss reproduces (checked by the tests).
 SUPPORTED_MODELS = (
@@ -81,6 +81,7 @@ _OWNED_OPTIONS = {
 LOSS_OPTIONS = tuple(name for name in OPTION_NAMES if name not in _OWNED_OPTIONS) + ("impl",)
 
 _STATE = "_tokenloss_patch"
+_CHECKED = "_tokenloss_checked"  # on an instance of an applied class, once it passed the checks
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class _PatchState:
     previous_forward: Any  # the instance attribute ``forward`` before patching, or None
     signature: inspect.Signature  # of the class forward, without ``self``
     var_keyword: str | None  # name of the forward's ``**kwargs``
+    class_forward: Any  # the class's own (unpatched) forward function
 
 
 def patch(model: nn.Module, *, skip_logits: bool | None = None, **loss_options: Any) -> nn.Module:
@@ -138,11 +140,10 @@ def patch(model: nn.Module, *, skip_logits: bool | None = None, **loss_options: 
     options = _check_loss_options(loss_options)
     if skip_logits is not None and not isinstance(skip_logits, bool):
         raise TypeError(f"skip_logits must be True, False or None, got {skip_logits!r}")
-    if is_patched(model):
-        unpatch(model)
-    signature = inspect.signature(types.MethodType(model_class.forward, model))
-    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-    state = _PatchState(options, skip_logits, model.__dict__.get("forward"), signature, var_keyword)
+    unpatch(model)
+    class_forward = _unpatched_forward(model_class)
+    signature, var_keyword = _forward_signature(class_forward)
+    state = _PatchState(options, skip_logits, model.__dict__.get("forward"), signature, var_keyword, class_forward)
     object.__setattr__(model, _STATE, state)
     # A bound method (not a closure over `model`) so that copy.deepcopy(model) rebinds it to the copy;
     # `functools.wraps` keeps the original signature visible to inspect (the Trainer reads it to pick
@@ -186,8 +187,57 @@ def patch_trainer(trainer: Any, *, skip_logits: bool | None = None, **loss_optio
     return trainer
 
 
+def apply(*model_classes: type | str, skip_logits: bool | None = None, **loss_options: Any) -> None:
+    """Patches model *classes*, so that every instance, also those that ``from_pretrained`` builds later, is patched.
+
+    The class-level twin of :func:`patch` (as Liger Kernel's ``apply_liger_kernel_to_*``): the classes'
+    ``forward`` is replaced until :func:`revert`. Each instance is checked (loss function, LM head) at
+    its first forward with labels. An instance patched with :func:`patch` keeps its own options.
+
+    Args:
+        *model_classes: classes of :data:`SUPPORTED_MODELS`, or their names; none: all of them that
+            this transformers has.
+        skip_logits, **loss_options: as in :func:`patch`.
+
+    Raises:
+        TypeError: a class that is not in :data:`SUPPORTED_MODELS`; a bad option (as :func:`patch`).
+
+    Examples:
+        >>> import torch
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> apply(GPT2LMHeadModel)
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).train()
+        >>> is_patched(model), model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).logits
+        (True, None)
+        >>> revert(GPT2LMHeadModel)
+        >>> is_patched(model)
+        False
+    """
+    classes = _supported_classes(model_classes)
+    options = _check_loss_options(loss_options)
+    if skip_logits is not None and not isinstance(skip_logits, bool):
+        raise TypeError(f"skip_logits must be True, False or None, got {skip_logits!r}")
+    for cls in classes:
+        revert(cls)
+        signature, var_keyword = _forward_signature(cls.forward)
+        patched = _forward_for(cls)  # made before the class's forward is replaced: it carries its signature
+        type.__setattr__(cls, _STATE, _PatchState(options, skip_logits, None, signature, var_keyword, cls.forward))
+        type.__setattr__(cls, "forward", patched)
+
+
+def revert(*model_classes: type | str) -> None:
+    """Undoes :func:`apply` for these classes (none: all); classes not applied are left as they are."""
+    for cls in _supported_classes(model_classes):
+        state = cls.__dict__.get(_STATE)
+        if state is not None:
+            type.__setattr__(cls, "forward", state.class_forward)
+            type.__delattr__(cls, _STATE)
+
+
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restores the forward that :func:`patch` replaced; a model that is not patched is returned unchanged."""
+    """Restores the forward that :func:`patch` replaced; a model that is not patched is returned unchanged.
+
+    A model patched through its class (:func:`apply`) stays patched: :func:`revert` the class."""
     state = model.__dict__.get(_STATE)
     if state is None:
         return model
@@ -199,8 +249,49 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def is_patched(model: nn.Module) -> bool:
-    """Whether :func:`patch` has patched this model instance."""
-    return _STATE in model.__dict__
+    """Whether this model instance is patched, by :func:`patch` or through its class by :func:`apply`."""
+    return _STATE in model.__dict__ or _class_state(type(model)) is not None
+
+
+def _class_state(cls: type) -> _PatchState | None:
+    """The state :func:`apply` stored on ``cls`` or a base class whose forward it inherits, or None."""
+    for klass in cls.__mro__:
+        if "forward" in klass.__dict__:
+            return klass.__dict__.get(_STATE)
+    return None
+
+
+def _unpatched_forward(cls: type) -> Any:
+    """``cls.forward`` as transformers defines it, also while :func:`apply` has replaced it."""
+    state = _class_state(cls)
+    return cls.forward if state is None else state.class_forward
+
+
+def _forward_signature(forward: Any) -> tuple[inspect.Signature, str | None]:
+    """The signature of a forward function without ``self``, and the name of its ``**kwargs``."""
+    signature = inspect.signature(forward)
+    signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    return signature, var_keyword
+
+
+def _supported_classes(model_classes: tuple[type | str, ...]) -> list[type]:
+    """The transformers classes named or given; all supported ones this transformers has when none."""
+    import transformers
+
+    available = {name: getattr(transformers, name) for name in SUPPORTED_MODELS if hasattr(transformers, name)}
+    if not model_classes:
+        return list(available.values())
+    classes = []
+    for item in model_classes:
+        name = item if isinstance(item, str) else getattr(item, "__name__", repr(item))
+        cls = available.get(name)
+        if cls is None or (not isinstance(item, str) and item is not cls):
+            raise TypeError(
+                f"tokenloss.integrations.transformers.apply does not support {name}; supported: {', '.join(available)}"
+            )
+        classes.append(cls)
+    return classes
 
 
 def _supported_class(model: nn.Module) -> type:
@@ -222,7 +313,7 @@ def _supported_class(model: nn.Module) -> type:
             f"supported: {supported}. Compute the loss yourself with tokenloss.linear_cross_entropy(hidden, "
             "lm_head.weight, labels, shift=True) instead"
         )
-    if type(model).forward is not cls.forward:
+    if _unpatched_forward(type(model)) is not _unpatched_forward(cls):
         raise TypeError(f"{name} overrides {cls.__name__}.forward; patch supports only the unmodified forward")
     if model.loss_function is not ForCausalLMLoss:
         raise TypeError(
@@ -270,8 +361,13 @@ def _forward_for(model_class: type):
 
 
 def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any):
-    state: _PatchState = self.__dict__[_STATE]
-    original = state.previous_forward or types.MethodType(type(self).forward, self)
+    state: _PatchState | None = self.__dict__.get(_STATE)
+    if state is None:  # patched through the class (apply): check this instance once
+        state = _class_state(type(self))
+        if not self.__dict__.get(_CHECKED):
+            _supported_class(self)
+            object.__setattr__(self, _CHECKED, True)
+    original = state.previous_forward or types.MethodType(state.class_forward, self)
     arguments = dict(state.signature.bind(*args, **kwargs).arguments)
     extra = dict(arguments.pop(state.var_keyword, {})) if state.var_keyword else {}
     labels = arguments.pop("labels", None)
