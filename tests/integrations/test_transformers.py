@@ -406,3 +406,16 @@ def test_apply_patches_the_class_so_from_pretrained_models_are_patched(tmp_path)
     assert not is_patched(model) and model(**inputs).logits is not None
     with pytest.raises(TypeError, match="apply does not support BertLMHeadModel"):
         apply(transformers.BertLMHeadModel)
+
+
+def test_patch_trainer_refuses_skip_logits_with_compute_metrics(tmp_path) -> None:
+    """compute_metrics needs the logits of evaluate(): skip_logits=True is refused; the default builds them in
+    eval mode, so compute_metrics receives the (B, T, V) logits."""
+    trainer = _trainer(tiny_model("gpt2"), tmp_path)
+    seen = []
+    trainer.compute_metrics = lambda prediction: seen.append(prediction.predictions.shape) or {"seen": 1.0}
+    trainer.eval_dataset = trainer.train_dataset
+    with pytest.raises(ValueError, match="skip_logits=True never builds the logits.*compute_metrics"):
+        patch_trainer(trainer, skip_logits=True)
+    patch_trainer(trainer)
+    assert trainer.evaluate()["eval_seen"] == 1.0 and seen == [(6, 9, VOCAB)]

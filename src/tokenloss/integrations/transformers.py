@@ -170,9 +170,15 @@ def patch_trainer(trainer: Any, *, skip_logits: bool | None = None, **loss_optio
         ``trainer``.
 
     Raises:
-        ValueError: ``label_smoothing`` given while the Trainer has its own factor.
+        ValueError: ``label_smoothing`` given while the Trainer has its own factor; ``skip_logits=True``
+            with a ``compute_metrics`` (it would receive no logits from ``evaluate()``).
         TypeError, ValueError: as :func:`patch`.
     """
+    if skip_logits is True and getattr(trainer, "compute_metrics", None) is not None:
+        raise ValueError(
+            "skip_logits=True never builds the logits, but this Trainer's compute_metrics needs them in evaluate(): "
+            "use skip_logits=None (the logits are built in eval mode only), or evaluate without compute_metrics"
+        )
     factor = float(getattr(trainer.args, "label_smoothing_factor", 0.0) or 0.0)
     if factor > 0:
         if "label_smoothing" in loss_options:
