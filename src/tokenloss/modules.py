@@ -6,15 +6,17 @@ from torch import Tensor, nn
 
 from tokenloss import functional
 from tokenloss.options import LossOptions, takes_loss_options
+from tokenloss.side_outputs import CrossEntropyOutput
 
 
 class CrossEntropyLoss(nn.Module):
     """Module form of :func:`tokenloss.cross_entropy`: same options, same order, same meaning.
 
     The constructor takes the options (each :class:`~tokenloss.options.LossOptions` field, plus
-    ``impl``, ``inplace_backward`` and the per-class ``weight``, kept as a buffer that moves with
-    ``.to()``, as in ``nn.CrossEntropyLoss``) and checks them at once; ``forward`` takes the per-batch
-    tensors (``logits``, ``targets`` and optionally ``mask``, ``token_weights``, ``num_items``).
+    ``impl``, ``inplace_backward``, the ``return_*`` side outputs and the per-class ``weight``, kept as a
+    buffer that moves with ``.to()``, as in ``nn.CrossEntropyLoss``) and checks them at once;
+    ``forward`` takes the per-batch tensors (``logits``, ``targets`` and optionally ``mask``,
+    ``token_weights``, ``num_items``).
 
     Examples:
         >>> import torch, tokenloss as tl
@@ -31,9 +33,14 @@ class CrossEntropyLoss(nn.Module):
         options: LossOptions,
         impl: str = "auto",
         inplace_backward: bool = False,
+        return_z_loss: bool = False,
+        return_token_accuracy: bool = False,
+        return_lse: bool = False,
     ) -> None:
         super().__init__()
         self.options, self.impl, self.inplace_backward = options, impl, inplace_backward
+        self.returns = dict(return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+                            return_lse=return_lse)  # fmt: skip
         _register_class_weight(self, "weight", weight)
 
     def forward(
@@ -44,7 +51,7 @@ class CrossEntropyLoss(nn.Module):
         mask: Tensor | None = None,
         token_weights: Tensor | None = None,
         num_items: int | float | Tensor | None = None,
-    ) -> Tensor:
+    ) -> Tensor | CrossEntropyOutput:
         return functional.cross_entropy(
             logits,
             targets,
@@ -55,19 +62,20 @@ class CrossEntropyLoss(nn.Module):
             options=self.options,
             impl=self.impl,
             inplace_backward=self.inplace_backward,
+            **self.returns,
         )
 
     def extra_repr(self) -> str:
-        return _repr(self.options, impl=self.impl, inplace_backward=self.inplace_backward)
+        return _repr(self.options, impl=self.impl, inplace_backward=self.inplace_backward, **_asked(self.returns))
 
 
 class LinearCrossEntropyLoss(nn.Module):
     """Module form of :func:`tokenloss.linear_cross_entropy`: same options, same order, same meaning.
 
     The constructor takes the options (each :class:`~tokenloss.options.LossOptions` field, plus
-    ``impl`` and the per-class ``class_weight``, a buffer); ``forward`` takes the per-batch tensors
-    (``hidden`` ``(..., D)``, ``weight`` ``(V, D)``, ``targets`` and optionally ``bias``, ``mask``,
-    ``token_weights``, ``num_items``).
+    ``impl``, the ``return_*`` side outputs and the per-class ``class_weight``, a buffer); ``forward``
+    takes the per-batch tensors (``hidden`` ``(..., D)``, ``weight`` ``(V, D)``, ``targets`` and
+    optionally ``bias``, ``mask``, ``token_weights``, ``num_items``).
     The module holds no parameters: pass the LM head's weight.
 
     Examples:
@@ -78,9 +86,20 @@ class LinearCrossEntropyLoss(nn.Module):
     """
 
     @takes_loss_options
-    def __init__(self, *, class_weight: Tensor | None = None, options: LossOptions, impl: str = "auto") -> None:
+    def __init__(
+        self,
+        *,
+        class_weight: Tensor | None = None,
+        options: LossOptions,
+        impl: str = "auto",
+        return_z_loss: bool = False,
+        return_token_accuracy: bool = False,
+        return_lse: bool = False,
+    ) -> None:
         super().__init__()
         self.options, self.impl = options, impl
+        self.returns = dict(return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+                            return_lse=return_lse)  # fmt: skip
         _register_class_weight(self, "class_weight", class_weight)
 
     def forward(
@@ -93,7 +112,7 @@ class LinearCrossEntropyLoss(nn.Module):
         mask: Tensor | None = None,
         token_weights: Tensor | None = None,
         num_items: int | float | Tensor | None = None,
-    ) -> Tensor:
+    ) -> Tensor | CrossEntropyOutput:
         return functional.linear_cross_entropy(
             hidden,
             weight,
@@ -105,10 +124,11 @@ class LinearCrossEntropyLoss(nn.Module):
             class_weight=self.class_weight,
             options=self.options,
             impl=self.impl,
+            **self.returns,
         )
 
     def extra_repr(self) -> str:
-        return _repr(self.options, impl=self.impl)
+        return _repr(self.options, impl=self.impl, **_asked(self.returns))
 
 
 def _register_class_weight(module: nn.Module, name: str, weight: Tensor | None) -> None:
@@ -118,6 +138,11 @@ def _register_class_weight(module: nn.Module, name: str, weight: Tensor | None) 
         got = f"{weight.dtype} of shape {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
         raise TypeError(f"{name} must be a 1-D floating tensor of per-class weights (V,), got {got}")
     module.register_buffer(name, weight)
+
+
+def _asked(returns: dict[str, bool]) -> dict[str, bool]:
+    """The side outputs a module was asked for (for its repr)."""
+    return {name: value for name, value in returns.items() if value}
 
 
 def _repr(options: LossOptions, **extra: object) -> str:

@@ -63,6 +63,31 @@ def tiny_model(family: str, *, softcap: float = 0.5) -> torch.nn.Module:
         "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
         "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}),
         "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(hidden_dropout=0.0, attention_dropout=0.0)),
+        # mixtures of experts, with the router's load-balancing loss in the loss (output_router_logits)
+        "mixtral": (
+            "MixtralConfig",
+            "MixtralForCausalLM",
+            dict(
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                output_router_logits=True,
+                router_aux_loss_coef=0.02,
+                router_jitter_noise=0.0,
+            ),
+        ),
+        "qwen2_moe": (
+            "Qwen2MoeConfig",
+            "Qwen2MoeForCausalLM",
+            dict(
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=24,
+                shared_expert_intermediate_size=24,
+                output_router_logits=True,
+                router_aux_loss_coef=0.02,
+                decoder_sparse_step=1,
+            ),
+        ),
     }
     if family in optional:
         config_name, model_name, extra = optional[family]
@@ -75,7 +100,8 @@ def tiny_model(family: str, *, softcap: float = 0.5) -> torch.nn.Module:
 
 
 FAMILIES = (
-    "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2", "smollm3", "gpt_neox"
+    "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2", "smollm3", "gpt_neox",
+    "mixtral", "qwen2_moe",
 )  # fmt: skip
 
 

@@ -94,7 +94,7 @@ def test_skip_logits_false_keeps_logits_in_training() -> None:
 
 
 # At 0.5 with momentum Phi-3 overshoots (its loss rises unpatched too) and OLMo 2 amplifies float32 noise.
-LEARNING_RATES = {"phi3": 0.1, "olmo2": 0.1}
+LEARNING_RATES = {"phi3": 0.1, "olmo2": 0.1, "mixtral": 0.1, "qwen2_moe": 0.1}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -419,3 +419,25 @@ def test_patch_trainer_refuses_skip_logits_with_compute_metrics(tmp_path) -> Non
         patch_trainer(trainer, skip_logits=True)
     patch_trainer(trainer)
     assert trainer.evaluate()["eval_seen"] == 1.0 and seen == [(6, 9, VOCAB)]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("router_logits", [True, False])
+def test_mixture_of_experts_keeps_the_router_loss(family: str, router_logits: bool) -> None:
+    """The router's load-balancing loss is in the patched loss exactly as in the model's own (and its
+    aux_loss and router_logits are returned), or absent when output_router_logits=False."""
+    model = tiny_model(family).train()
+    inputs = batch(4)
+    expected = model(**inputs, output_router_logits=router_logits)
+    patch(model)
+    got = model(**inputs, output_router_logits=router_logits)
+    assert got.logits is None and type(got) is type(expected)
+    assert_close(got.loss, expected.loss, **LOSS_TOL)
+    if router_logits:
+        assert expected.aux_loss > 0
+        assert_close(got.aux_loss, expected.aux_loss, rtol=0, atol=0)
+        assert len(got.router_logits) == len(expected.router_logits)
+        plain = model(**inputs, output_router_logits=False).loss
+        assert_close(got.loss - plain, model.router_aux_loss_coef * got.aux_loss, rtol=1e-5, atol=1e-7)
+    else:
+        assert got.aux_loss is None

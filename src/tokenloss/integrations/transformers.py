@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import sys
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,8 @@ SUPPORTED_MODELS = (
     "Olmo2ForCausalLM",
     "SmolLM3ForCausalLM",  # transformers >= 4.53
     "GPTNeoXForCausalLM",
+    "MixtralForCausalLM",  # mixture of experts: the router's load-balancing loss is added as the model does
+    "Qwen2MoeForCausalLM",
 )
 
 # Options the patch sets itself, with the reason given when a caller passes one.
@@ -390,6 +393,10 @@ def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any):
     options = dict(state.options)
     options["ignore_index"] = extra.pop("ignore_index", options["ignore_index"])
 
+    router = "output_router_logits" in state.signature.parameters  # a mixture of experts
+    if router:  # resolved as the model's forward does
+        wanted = arguments.get("output_router_logits")
+        arguments["output_router_logits"] = wanted if wanted is not None else self.config.output_router_logits
     outputs = _base_model(self)(**arguments, **extra)
     hidden = outputs.last_hidden_state  # (B, T, D)
     head = self.get_output_embeddings()
@@ -417,17 +424,45 @@ def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any):
             logits = torch.tanh(logits / softcap) * softcap  # as the model's forward does
         loss = cross_entropy(logits, targets, shift=shift_labels is None, num_items=num_items, **options)
 
-    result = _output(outputs, loss, logits)
+    aux_loss = None
+    if router and arguments["output_router_logits"]:
+        aux_loss = _router_aux_loss(self, outputs, arguments.get("attention_mask"))
+        loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+    result = _output(outputs, loss, logits, aux_loss=aux_loss if router else _NOT_MOE)
     return result if return_dict else result.to_tuple()
 
 
-def _output(outputs, loss, logits):
-    """The model's output class filled from the base model's output, whatever this transformers
-    version calls its fields (``past_key_values`` in 4.x and early 5.x, ``cache`` later)."""
-    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions, CausalLMOutputWithPast
+_NOT_MOE = object()
 
-    output_class = CausalLMOutputWithCrossAttentions if hasattr(outputs, "cross_attentions") else CausalLMOutputWithPast
+
+def _router_aux_loss(model: nn.Module, outputs: Any, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The load-balancing loss of a mixture-of-experts model, computed by its own module's
+    ``load_balancing_loss_func`` from the router logits, as its forward does (Mixtral, Qwen2-MoE)."""
+    module = sys.modules[_unpatched_forward(type(model)).__module__]
+    return module.load_balancing_loss_func(
+        outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask
+    )
+
+
+def _output(outputs, loss, logits, *, aux_loss: Any = _NOT_MOE):
+    """The model's output class filled from the base model's output, whatever this transformers
+    version calls its fields (``past_key_values`` in 4.x and early 5.x, ``cache`` later); the MoE output
+    class (with ``aux_loss`` and ``router_logits``) for a mixture of experts."""
+    from transformers.modeling_outputs import (
+        CausalLMOutputWithCrossAttentions,
+        CausalLMOutputWithPast,
+        MoeCausalLMOutputWithPast,
+    )
+
+    if aux_loss is not _NOT_MOE:
+        output_class = MoeCausalLMOutputWithPast
+    elif hasattr(outputs, "cross_attentions"):
+        output_class = CausalLMOutputWithCrossAttentions
+    else:
+        output_class = CausalLMOutputWithPast
     values = {"loss": loss, "logits": logits}
+    if aux_loss is not _NOT_MOE:
+        values["aux_loss"] = aux_loss
     for field in dataclasses.fields(output_class):
         if field.name not in values:
             values[field.name] = getattr(outputs, field.name, None)
