@@ -196,3 +196,34 @@ def test_grpo_objective_on_fused_logprobs_equals_full_float64_logits():
     assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
     assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
     assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["token_logprobs", "linear_token_logprobs"])
+@pytest.mark.parametrize("shift", [False, True])
+def test_return_top1_is_argmax_equal_to_token(fused, shift) -> None:
+    """is_top1 equals (argmax of the full logits == token) at counted positions, False elsewhere; ties go to the
+    first index as torch.argmax; logp and entropy are unchanged by asking for it."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 9, 5, generator=gen)
+    weight = torch.randn(11, 5, generator=gen)
+    weight[4] = weight[3]  # classes 3 and 4 always tie: 4 is never the argmax
+    logits = hidden @ weight.T
+    tokens = torch.roll(logits.argmax(-1), 1 if shift else 0, dims=-1)
+    tokens[:, ::3] = torch.randint(0, 11, tokens[:, ::3].shape, generator=gen)
+    tokens[0, 4] = 4
+    tokens[1, 1] = -100
+    mask = torch.rand(2, 9, generator=gen) < 0.8
+    common = dict(shift=shift, mask=mask, temperature=0.7)
+    if fused:
+        logp, ent, top1 = tl.linear_token_logprobs(hidden, weight, tokens, return_top1=True, chunk_size=4, **common)
+        expected = tl.linear_token_logprobs(hidden, weight, tokens, chunk_size=4, **common)
+    else:
+        logp, ent, top1 = tl.token_logprobs(logits, tokens, return_top1=True, chunk_size=4, **common)
+        expected = tl.token_logprobs(logits, tokens, chunk_size=4, **common)
+    assert_close((logp, ent), expected, rtol=0, atol=0)
+    z, t, m = (logits[:, :-1], tokens[:, 1:], mask[:, 1:]) if shift else (logits, tokens, mask)
+    want = (z.argmax(-1) == t) & (t != -100) & m
+    assert top1.dtype == torch.bool and torch.equal(top1, want)
+    assert 0 < int(want.sum()) < want.numel()
+    with pytest.raises(TypeError, match="return_top1 must be True or False"):
+        tl.token_logprobs(logits, tokens, return_top1=1)

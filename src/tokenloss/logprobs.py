@@ -35,7 +35,7 @@ from tokenloss.ops.linear_cross_entropy import (
     counted_row_index,
     fused_chunk_rows,
 )
-from tokenloss.ops.rowwise import accumulation_dtype, finite_shift, refuse_double_backward
+from tokenloss.ops.rowwise import accumulation_dtype, finite_shift, refuse_double_backward, row_maximum
 from tokenloss.options import LossOptions, check_linear_inputs, check_logits, prepare_targets
 
 
@@ -47,10 +47,13 @@ def _check_temperature(temperature: object) -> float:
     return float(temperature)
 
 
-def _chunk_statistics(z: Tensor, targets: Tensor, entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def _chunk_statistics(
+    z: Tensor, targets: Tensor, entropy: bool, argmax_out: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """``(shift, log_sum, logp, entropy)`` ``(n,)`` of tempered logits ``z`` ``(n, V)`` in the
-    accumulation dtype. ``z`` is overwritten (it is the caller's own chunk)."""
-    shift = finite_shift(z.amax(dim=-1))
+    accumulation dtype (and each row's argmax into ``argmax_out`` when given). ``z`` is overwritten
+    (it is the caller's own chunk)."""
+    shift = finite_shift(row_maximum(z, argmax_out))
     x = z.sub_(shift.unsqueeze(1))  # (n, V) z - m: exact near the maximum
     target = x.gather(1, targets.unsqueeze(1)).squeeze(1)
     e = torch.exp(x)  # (n, V)
@@ -104,7 +107,7 @@ class _TokenLogprobsFunction(torch.autograd.Function):
     """``(N, V)`` logits of the counted rows -> ``(N,)`` logp and entropy; backward recomputes each chunk."""
 
     @staticmethod
-    def forward(ctx, logits, targets, temperature, want_entropy, chunk_rows, check):
+    def forward(ctx, logits, targets, temperature, want_entropy, chunk_rows, check, predicted):
         acc = accumulation_dtype(logits.dtype)
         n_rows = logits.shape[0]
         shift, log_sum, logp = (torch.empty(n_rows, dtype=acc, device=logits.device) for _ in range(3))
@@ -112,7 +115,8 @@ class _TokenLogprobsFunction(torch.autograd.Function):
         for start in range(0, n_rows, chunk_rows):
             rows = slice(start, start + chunk_rows)
             z = _tempered(logits[rows], acc, temperature, copy=True)  # (n, V): one chunk, our own
-            shift[rows], log_sum[rows], logp[rows], chunk_ent = _chunk_statistics(z, targets[rows], want_entropy)
+            top = None if predicted is None else predicted[rows]
+            shift[rows], log_sum[rows], logp[rows], chunk_ent = _chunk_statistics(z, targets[rows], want_entropy, top)
             if chunk_ent is not None:
                 ent[rows] = chunk_ent
         if check:
@@ -135,7 +139,7 @@ class _TokenLogprobsFunction(torch.autograd.Function):
             grad[rows] = _chunk_gradient(
                 z, targets[rows], shift[rows], log_sum[rows], ent[rows], g_logp[rows], g_ent[rows], 1 / ctx.temperature
             )
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 class _LinearTokenLogprobsFunction(torch.autograd.Function):
@@ -143,7 +147,7 @@ class _LinearTokenLogprobsFunction(torch.autograd.Function):
     never more than one chunk of logits; backward recomputes each chunk's logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, chunk_rows, check):
+    def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, chunk_rows, check, predicted):
         acc = accumulation_dtype(hidden.dtype)
         n_rows = hidden.shape[0]
         shift, log_sum, logp = (torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(3))
@@ -152,7 +156,8 @@ class _LinearTokenLogprobsFunction(torch.autograd.Function):
         for start in range(0, n_rows, chunk_rows):
             rows = slice(start, start + chunk_rows)
             z = _tempered(_chunk_logits(hidden[rows], weight, bias, buffer), acc, temperature)  # (n, V): one chunk
-            shift[rows], log_sum[rows], logp[rows], chunk_ent = _chunk_statistics(z, targets[rows], want_entropy)
+            top = None if predicted is None else predicted[rows]
+            shift[rows], log_sum[rows], logp[rows], chunk_ent = _chunk_statistics(z, targets[rows], want_entropy, top)
             if chunk_ent is not None:
                 ent[rows] = chunk_ent
             del z
@@ -184,7 +189,7 @@ class _LinearTokenLogprobsFunction(torch.autograd.Function):
             sink.add_chunk(rows, grad, None, low, h, weight)
             del z, grad, low
         grads = tuple(None if g is None else g.to(dtype) for g, dtype in zip(sink.gradients(), ctx.dtypes))
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _prepare(leading_shape, tokens, vocab_size, input_name, device, *, shift, mask, ignore_index, check_inputs,
@@ -198,16 +203,27 @@ def _prepare(leading_shape, tokens, vocab_size, input_name, device, *, shift, ma
     return options, prepared
 
 
-def _outputs(prepared, index, logp, ent, return_entropy: bool):
+def _outputs(prepared, index, logp, ent, return_entropy: bool, predicted: Tensor | None, targets: Tensor):
     """Rows back in place (0 where a row does not count), shaped like the tokens after the shift."""
     n = prepared.counted.shape[0]
+    top1 = None if predicted is None else predicted == targets  # (M,) bool, the counted rows
     if index is not None:
         logp = logp.new_zeros(n).index_copy(0, index, logp)
         ent = ent.new_zeros(n).index_copy(0, index, ent)
-    logp = prepared.reduce(logp, "none")
-    if not return_entropy:
-        return logp
-    return logp, prepared.reduce(ent, "none")
+        if top1 is not None:
+            top1 = top1.new_zeros(n).index_copy(0, index, top1)
+    outputs = (prepared.reduce(logp, "none"),)
+    if return_entropy:
+        outputs += (prepared.reduce(ent, "none"),)
+    if top1 is not None:
+        outputs += (prepared.reduce(top1 & prepared.counted, "none"),)
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _top1_buffer(return_top1: object, n_rows: int, device: torch.device) -> Tensor | None:
+    if not isinstance(return_top1, bool):
+        raise TypeError(f"return_top1 must be True or False, got {return_top1!r}")
+    return torch.empty(n_rows, dtype=torch.long, device=device) if return_top1 else None
 
 
 @eager_under_compile
@@ -222,7 +238,8 @@ def token_logprobs(
     return_entropy: bool = True,
     chunk_size: int | None = None,
     check_inputs: bool = True,
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_top1: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
     """Log-probability of each token, and the entropy of each prediction, from ``(..., V)`` logits.
 
     Args:
@@ -237,6 +254,9 @@ def token_logprobs(
         chunk_size: rows per chunk (None: about 2**23 logits per chunk).
         check_inputs: raise on a non-finite log-probability or a token outside ``[0, V)`` in a
             counted position (one host sync each on CUDA).
+        return_top1: also return ``is_top1``, bool, shaped like ``logp``: whether the token is the
+            most likely one (``argmax`` of the logits, ties to the first index; False where a position
+            does not count), found with the maximum in the same pass (TRL's token accuracy).
 
     Returns:
         ``logp`` and ``entropy``: float32 (float64 for float64 logits), shaped like ``tokens`` after
@@ -266,8 +286,11 @@ def token_logprobs(
     if index is not None:
         rows, targets = rows.index_select(0, index), targets.index_select(0, index)
     chunk_rows = plain_chunk_rows(vocab_size, options.chunk_size)
-    logp, ent = _TokenLogprobsFunction.apply(rows, targets, temperature, return_entropy, chunk_rows, check_inputs)
-    return _outputs(prepared, index, logp, ent, return_entropy)
+    predicted = _top1_buffer(return_top1, rows.shape[0], logits.device)
+    logp, ent = _TokenLogprobsFunction.apply(
+        rows, targets, temperature, return_entropy, chunk_rows, check_inputs, predicted
+    )
+    return _outputs(prepared, index, logp, ent, return_entropy, predicted, targets)
 
 
 @eager_under_compile
@@ -284,7 +307,8 @@ def linear_token_logprobs(
     return_entropy: bool = True,
     chunk_size: int | None = None,
     check_inputs: bool = True,
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_top1: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
     """:func:`token_logprobs` of ``hidden @ weight.T + bias`` without ever holding the ``(N, V)`` logits.
 
     Args:
@@ -292,7 +316,8 @@ def linear_token_logprobs(
         weight: ``(V, D)`` the LM head; same dtype and device.
         tokens: ``(...)`` integer ids, the leading shape of ``hidden``.
         bias: optional ``(V,)``.
-        temperature, shift, mask, ignore_index, return_entropy, check_inputs: as in :func:`token_logprobs`.
+        temperature, shift, mask, ignore_index, return_entropy, check_inputs, return_top1: as in
+            :func:`token_logprobs`.
         chunk_size: rows per chunk (None: as :func:`tokenloss.linear_cross_entropy`).
 
     Returns:
@@ -320,6 +345,7 @@ def linear_token_logprobs(
     if index is not None:  # rows that do not count never reach a product
         rows, targets = rows.index_select(0, index), targets.index_select(0, index)
     chunk_rows = fused_chunk_rows(rows.shape[0], vocab_size, chunk_size=options.chunk_size, device=hidden.device)
+    predicted = _top1_buffer(return_top1, rows.shape[0], hidden.device)
     with autocast_off(hidden.device):
         logp, ent = _LinearTokenLogprobsFunction.apply(
             rows.contiguous(),
@@ -330,5 +356,6 @@ def linear_token_logprobs(
             return_entropy,
             chunk_rows,
             check_inputs,
+            predicted,
         )
-    return _outputs(prepared, index, logp, ent, return_entropy)
+    return _outputs(prepared, index, logp, ent, return_entropy, predicted, targets)
