@@ -37,6 +37,7 @@ import functools
 import inspect
 import sys
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,7 +85,9 @@ _OWNED_OPTIONS = {
 LOSS_OPTIONS = tuple(name for name in OPTION_NAMES if name not in _OWNED_OPTIONS) + ("impl",)
 
 _STATE = "_tokenloss_patch"
-_CHECKED = "_tokenloss_checked"  # on an instance of an applied class, once it passed the checks
+_CHECKED = "_tokenloss_checked"
+_BYPASS_HOOK = "_tokenloss_bypass_hook"  # the forward pre-hook that notices TRL's fused head
+_BYPASS_WARNED = "_tokenloss_bypass_warned"  # on an instance of an applied class, once it passed the checks
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,11 @@ def patch(model: nn.Module, *, skip_logits: bool | None = None, **loss_options: 
         (True, torch.Size([]))
     """
     model_class = _supported_class(model)
+    if _trl_fused_head(model):
+        raise TypeError(
+            f"this {type(model).__name__} carries TRL's fused LM head (a TRL trainer built it), which computes the "
+            "loss without calling this patch: use tokenloss.integrations.trl.patch_trainer(trainer) instead"
+        )
     options = _check_loss_options(loss_options)
     if skip_logits is not None and not isinstance(skip_logits, bool):
         raise TypeError(f"skip_logits must be True, False or None, got {skip_logits!r}")
@@ -152,6 +160,9 @@ def patch(model: nn.Module, *, skip_logits: bool | None = None, **loss_options: 
     # `functools.wraps` keeps the original signature visible to inspect (the Trainer reads it to pick
     # dataset columns and to decide whether to pass num_items_in_batch).
     object.__setattr__(model, "forward", types.MethodType(_forward_for(model_class), model))
+    if _BYPASS_HOOK not in model.__dict__:  # warns if TRL wraps the patched model with its own fused head later
+        hook = model.register_forward_pre_hook(_warn_if_bypassed_by_trl, with_kwargs=True)
+        object.__setattr__(model, _BYPASS_HOOK, hook)
     return model
 
 
@@ -254,7 +265,36 @@ def unpatch(model: nn.Module) -> nn.Module:
     if state.previous_forward is not None:
         object.__setattr__(model, "forward", state.previous_forward)
     del model.__dict__[_STATE]
+    hook = model.__dict__.pop(_BYPASS_HOOK, None)
+    if hook is not None:
+        hook.remove()
     return model
+
+
+def _trl_fused_head(model: nn.Module) -> bool:
+    """Whether TRL's ``add_fused_lm_head`` (or tokenloss's TRL integration) replaced the model's forward."""
+    from tokenloss.integrations.trl import is_patched as trl_patched
+    from tokenloss.integrations.trl import is_trl_fused_forward
+
+    return is_trl_fused_forward(model.__dict__.get("forward")) or trl_patched(model)
+
+
+def _warn_if_bypassed_by_trl(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a patched model: TRL's fused LM head computes the loss without the patch."""
+    if kwargs.get("fused_lm_head") and not model.__dict__.get(_BYPASS_WARNED) and not _trl_patched(model):
+        object.__setattr__(model, _BYPASS_WARNED, True)
+        warnings.warn(
+            f"TRL's fused LM head computes this {type(model).__name__}'s loss: tokenloss's patch is bypassed. Call "
+            "tokenloss.integrations.trl.patch_trainer(trainer) after building the trainer",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def _trl_patched(model: nn.Module) -> bool:
+    from tokenloss.integrations.trl import is_patched as trl_patched
+
+    return trl_patched(model)
 
 
 def is_patched(model: nn.Module) -> bool:
