@@ -167,3 +167,48 @@ def test_unpatch_trainer_restores_trls_head() -> None:
     assert tl_trl.is_patched(trainer.model) and tl_trl.is_patched(trainer.ref_model)
     tl_trl.unpatch_trainer(trainer)
     assert model.forward == trl_forward and not tl_trl.is_patched(model)
+
+
+@pytest.mark.slow
+def test_grpo_trainer_through_tokenloss_equals_trls_own_head(monkeypatch, tiny_hf_dir, tmp_path) -> None:
+    """GRPOTrainer (sampling at temperature 0.7, a reward on the completions, two SGD steps): the logged entropy and
+    the trained weights equal those of TRL's own fused head, the weights moved, and tokenloss computed the
+    log-probabilities."""
+    trl, _ = _trl()
+    import datasets
+
+    directory = tiny_hf_dir("llama")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    gen = torch.Generator().manual_seed(0)
+    prompts = datasets.Dataset.from_list(
+        [{"prompt": tokenizer.decode(torch.randint(3, len(tokenizer), (5,), generator=gen).tolist())} for _ in range(4)]
+    )
+
+    def reward(completions, **kwargs):
+        return [float(sum(map(ord, completion)) % 11) for completion in completions]
+
+    def run(use_tokenloss: bool, out: str):
+        args = trl.GRPOConfig(
+            output_dir=str(tmp_path / out), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
+            max_steps=2, optim="sgd", learning_rate=0.1, report_to=[], use_cpu=True, logging_steps=1,
+            save_strategy="no", bf16=False, temperature=0.7, seed=0,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory)
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=prompts,
+                                  processing_class=tokenizer)  # fmt: skip
+        if use_tokenloss:
+            tl_trl.patch_trainer(trainer)
+        trainer.train()
+        entropy = torch.tensor([h["entropy"] for h in trainer.state.log_history if "entropy" in h])
+        return entropy, torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+    expected_entropy, expected = run(False, "trl")
+    calls = _count_calls(monkeypatch)
+    entropy, got = run(True, "tokenloss")
+    assert calls and len(entropy) == 2
+    assert_close(entropy, expected_entropy, rtol=1e-5, atol=1e-6)
+    assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    initial = transformers.AutoModelForCausalLM.from_pretrained(directory).parameters()
+    initial = torch.cat([p.detach().flatten() for p in initial])
+    assert (got - initial).abs().max() > 1e-3  # it trained
