@@ -227,3 +227,32 @@ def test_return_top1_is_argmax_equal_to_token(fused, shift) -> None:
     assert 0 < int(want.sum()) < want.numel()
     with pytest.raises(TypeError, match="return_top1 must be True or False"):
         tl.token_logprobs(logits, tokens, return_top1=1)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_minus_inf_logits_give_finite_gradients(fused) -> None:
+    """A -inf logit (a banned token, p = 0) with both logp and entropy differentiated: its gradient is 0, not
+    NaN (e^x * x is 0 * -inf there), and the others equal those of the same row without that column."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    logits[:, 4] = float("-inf")
+    tokens = torch.tensor([0, 2, 5])
+    g, h = torch.randn(3, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
+    x = logits.clone().requires_grad_()
+    if fused:  # -inf through the bias
+        bias = torch.zeros(6, dtype=torch.float64)
+        bias[4] = float("-inf")
+        logp, ent = tl.linear_token_logprobs(torch.eye(3, dtype=torch.float64), x.nan_to_num(neginf=0.0).T.contiguous(),
+                                             tokens, bias=bias)  # fmt: skip
+    else:
+        logp, ent = tl.token_logprobs(x, tokens)
+    ((logp * g).sum() + (ent * h).sum()).backward()
+    kept = [0, 1, 2, 3, 5]
+    y = logits[:, kept].clone().requires_grad_()
+    logp_ref, ent_ref = tl.token_logprobs(y, torch.tensor([0, 2, 4]))
+    ((logp_ref * g).sum() + (ent_ref * h).sum()).backward()
+    assert torch.isfinite(x.grad).all()
+    assert_close(logp, logp_ref)
+    if not fused:
+        assert (x.grad[:, 4] == 0).all()
+        assert_close(x.grad[:, kept], y.grad)

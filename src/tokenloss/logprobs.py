@@ -25,6 +25,7 @@ import math
 import torch
 from torch import Tensor
 
+from tokenloss.ops import resolve_impl
 from tokenloss.ops.autocast import autocast_inputs, autocast_off, backward_without_autocast
 from tokenloss.ops.compiling import eager_under_compile
 from tokenloss.ops.cross_entropy import plain_chunk_rows
@@ -80,11 +81,57 @@ def _chunk_gradient(
     inv_s = torch.exp(-log_sum)  # 1 / S
     slope = (-g_ent * inv_s).unsqueeze(1)
     offset = ((g_logp + g_ent * (ent - log_sum)) * inv_s).unsqueeze(1)
-    x = z.sub_(shift.unsqueeze(1))
+    # clamped: a -inf logit (p = 0) would make e^x * x = 0 * -inf = NaN; below -1e4, e^x is 0 in float64 too
+    x = z.sub_(shift.unsqueeze(1)).clamp_(min=-1e4)
     e = torch.exp(x)
     grad = x.mul_(slope).sub_(offset).mul_(e)
     grad.scatter_add_(1, targets.unsqueeze(1), g_logp.unsqueeze(1))
     return grad if inv_t == 1 else grad.mul_(inv_t)
+
+
+def _rows_statistics(
+    raw: Tensor,
+    targets: Tensor,
+    temperature: float,
+    want_entropy: bool,
+    argmax_out: Tensor | None,
+    *,
+    triton: bool,
+    own: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(shift, log_sum, logp, entropy)`` of a chunk of raw logits ``(n, V)``, by the torch ops or the
+    Triton kernel; ``own``: the chunk is ours (a product) and may be overwritten."""
+    if triton:
+        from tokenloss.ops.triton import logprobs as kernels
+
+        return kernels.statistics(raw, targets, temperature, want_entropy, argmax_out)
+    z = _tempered(raw, accumulation_dtype(raw.dtype), temperature, copy=not own)
+    return _chunk_statistics(z, targets, want_entropy, argmax_out)
+
+
+def _rows_gradient(
+    raw: Tensor,
+    targets: Tensor,
+    shift: Tensor,
+    log_sum: Tensor,
+    ent: Tensor,
+    g_logp: Tensor,
+    g_ent: Tensor,
+    temperature: float,
+    *,
+    triton: bool,
+    own: bool,
+) -> Tensor:
+    """``d(g logp + h entropy)/d raw`` ``(n, V)`` in the accumulation dtype (overwriting ``raw`` when ``own``
+    and it is already in that dtype, on the torch path)."""
+    acc = shift.dtype
+    if triton:
+        from tokenloss.ops.triton import logprobs as kernels
+
+        out = torch.empty(raw.shape, dtype=acc, device=raw.device)
+        return kernels.gradient(raw, targets, shift, log_sum, ent, g_logp, g_ent, temperature, out)
+    z = _tempered(raw, acc, temperature, copy=not own)
+    return _chunk_gradient(z, targets, shift, log_sum, ent, g_logp, g_ent, 1 / temperature)
 
 
 def _tempered(logits: Tensor, acc: torch.dtype, temperature: float, *, copy: bool = False) -> Tensor:
@@ -107,22 +154,24 @@ class _TokenLogprobsFunction(torch.autograd.Function):
     """``(N, V)`` logits of the counted rows -> ``(N,)`` logp and entropy; backward recomputes each chunk."""
 
     @staticmethod
-    def forward(ctx, logits, targets, temperature, want_entropy, chunk_rows, check, predicted):
+    def forward(ctx, logits, targets, temperature, want_entropy, chunk_rows, check, predicted, triton):
         acc = accumulation_dtype(logits.dtype)
         n_rows = logits.shape[0]
         shift, log_sum, logp = (torch.empty(n_rows, dtype=acc, device=logits.device) for _ in range(3))
         ent = torch.zeros(n_rows, dtype=acc, device=logits.device)
+        chunk_rows = max(n_rows, 1) if triton else chunk_rows  # the kernel streams each row: no (n, V) scratch
         for start in range(0, n_rows, chunk_rows):
             rows = slice(start, start + chunk_rows)
-            z = _tempered(logits[rows], acc, temperature, copy=True)  # (n, V): one chunk, our own
             top = None if predicted is None else predicted[rows]
-            shift[rows], log_sum[rows], logp[rows], chunk_ent = _chunk_statistics(z, targets[rows], want_entropy, top)
+            shift[rows], log_sum[rows], logp[rows], chunk_ent = _rows_statistics(
+                logits[rows], targets[rows], temperature, want_entropy, top, triton=triton, own=False
+            )
             if chunk_ent is not None:
                 ent[rows] = chunk_ent
         if check:
             _check_finite(logp, log_sum, "logits")
         ctx.save_for_backward(logits, targets, shift, log_sum, ent)
-        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        ctx.temperature, ctx.chunk_rows, ctx.triton = temperature, chunk_rows, triton
         return logp, ent
 
     @staticmethod
@@ -135,11 +184,17 @@ class _TokenLogprobsFunction(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            z = _tempered(logits[rows], acc, ctx.temperature, copy=True)
-            grad[rows] = _chunk_gradient(
-                z, targets[rows], shift[rows], log_sum[rows], ent[rows], g_logp[rows], g_ent[rows], 1 / ctx.temperature
-            )
-        return grad, None, None, None, None, None, None
+            if ctx.triton:  # written once, in the logits' dtype
+                from tokenloss.ops.triton import logprobs as kernels
+
+                kernels.gradient(logits[rows], targets[rows], shift[rows], log_sum[rows], ent[rows], g_logp[rows],
+                                 g_ent[rows], ctx.temperature, grad[rows])  # fmt: skip
+                continue
+            grad[rows] = _rows_gradient(
+                logits[rows], targets[rows], shift[rows], log_sum[rows], ent[rows], g_logp[rows], g_ent[rows],
+                ctx.temperature, triton=False, own=False,
+            )  # fmt: skip
+        return grad, None, None, None, None, None, None, None
 
 
 class _LinearTokenLogprobsFunction(torch.autograd.Function):
@@ -147,7 +202,7 @@ class _LinearTokenLogprobsFunction(torch.autograd.Function):
     never more than one chunk of logits; backward recomputes each chunk's logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, chunk_rows, check, predicted):
+    def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, chunk_rows, check, predicted, triton):
         acc = accumulation_dtype(hidden.dtype)
         n_rows = hidden.shape[0]
         shift, log_sum, logp = (torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(3))
@@ -155,16 +210,18 @@ class _LinearTokenLogprobsFunction(torch.autograd.Function):
         buffer = _logits_buffer(hidden, weight, chunk_rows)  # the fused loss's (n, V) buffer, or None for oneDNN
         for start in range(0, n_rows, chunk_rows):
             rows = slice(start, start + chunk_rows)
-            z = _tempered(_chunk_logits(hidden[rows], weight, bias, buffer), acc, temperature)  # (n, V): one chunk
+            raw = _chunk_logits(hidden[rows], weight, bias, buffer)  # (n, V): one chunk, our own
             top = None if predicted is None else predicted[rows]
-            shift[rows], log_sum[rows], logp[rows], chunk_ent = _chunk_statistics(z, targets[rows], want_entropy, top)
+            shift[rows], log_sum[rows], logp[rows], chunk_ent = _rows_statistics(
+                raw, targets[rows], temperature, want_entropy, top, triton=triton, own=True
+            )
             if chunk_ent is not None:
                 ent[rows] = chunk_ent
-            del z
+            del raw
         if check:
             _check_finite(logp, log_sum, "logits (hidden @ weight.T + bias)")
         ctx.save_for_backward(hidden, weight, bias, targets, shift, log_sum, ent)
-        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        ctx.temperature, ctx.chunk_rows, ctx.triton = temperature, chunk_rows, triton
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return logp, ent
 
@@ -181,15 +238,15 @@ class _LinearTokenLogprobsFunction(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             h = hidden[rows]
-            z = _tempered(_chunk_logits(h, weight, bias, buffer), acc, ctx.temperature)
-            grad = _chunk_gradient(
-                z, targets[rows], shift[rows], log_sum[rows], ent[rows], g_logp[rows], g_ent[rows], 1 / ctx.temperature
-            )
+            grad = _rows_gradient(
+                _chunk_logits(h, weight, bias, buffer), targets[rows], shift[rows], log_sum[rows], ent[rows],
+                g_logp[rows], g_ent[rows], ctx.temperature, triton=ctx.triton, own=True,
+            )  # fmt: skip
             low = grad.to(hidden.dtype) if hidden.dtype != acc else None
             sink.add_chunk(rows, grad, None, low, h, weight)
-            del z, grad, low
+            del grad, low
         grads = tuple(None if g is None else g.to(dtype) for g, dtype in zip(sink.gradients(), ctx.dtypes))
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _prepare(leading_shape, tokens, vocab_size, input_name, device, *, shift, mask, ignore_index, check_inputs,
@@ -220,6 +277,11 @@ def _outputs(prepared, index, logp, ent, return_entropy: bool, predicted: Tensor
     return outputs[0] if len(outputs) == 1 else outputs
 
 
+def _uses_triton(impl: str, tensor: Tensor) -> bool:
+    """Whether ``impl`` runs the Triton kernels for tensors on ``tensor``'s device (ValueError for a bad impl)."""
+    return resolve_impl(impl, tensor.device) == "triton"
+
+
 def _top1_buffer(return_top1: object, n_rows: int, device: torch.device) -> Tensor | None:
     if not isinstance(return_top1, bool):
         raise TypeError(f"return_top1 must be True or False, got {return_top1!r}")
@@ -239,6 +301,7 @@ def token_logprobs(
     chunk_size: int | None = None,
     check_inputs: bool = True,
     return_top1: bool = False,
+    impl: str = "auto",
 ) -> Tensor | tuple[Tensor, ...]:
     """Log-probability of each token, and the entropy of each prediction, from ``(..., V)`` logits.
 
@@ -257,6 +320,8 @@ def token_logprobs(
         return_top1: also return ``is_top1``, bool, shaped like ``logp``: whether the token is the
             most likely one (``argmax`` of the logits, ties to the first index; False where a position
             does not count), found with the maximum in the same pass (TRL's token accuracy).
+        impl: ``"auto"`` (Triton for CUDA tensors when it is installed, else torch), ``"torch"`` or
+            ``"triton"`` (:mod:`tokenloss.ops.triton.logprobs`: one read of each logit forward).
 
     Returns:
         ``logp`` and ``entropy``: float32 (float64 for float64 logits), shaped like ``tokens`` after
@@ -288,7 +353,7 @@ def token_logprobs(
     chunk_rows = plain_chunk_rows(vocab_size, options.chunk_size)
     predicted = _top1_buffer(return_top1, rows.shape[0], logits.device)
     logp, ent = _TokenLogprobsFunction.apply(
-        rows, targets, temperature, return_entropy, chunk_rows, check_inputs, predicted
+        rows, targets, temperature, return_entropy, chunk_rows, check_inputs, predicted, _uses_triton(impl, logits)
     )
     return _outputs(prepared, index, logp, ent, return_entropy, predicted, targets)
 
@@ -308,6 +373,7 @@ def linear_token_logprobs(
     chunk_size: int | None = None,
     check_inputs: bool = True,
     return_top1: bool = False,
+    impl: str = "auto",
 ) -> Tensor | tuple[Tensor, ...]:
     """:func:`token_logprobs` of ``hidden @ weight.T + bias`` without ever holding the ``(N, V)`` logits.
 
@@ -318,6 +384,8 @@ def linear_token_logprobs(
         bias: optional ``(V,)``.
         temperature, shift, mask, ignore_index, return_entropy, check_inputs, return_top1: as in
             :func:`token_logprobs`.
+        impl: as in :func:`token_logprobs`; the products are torch's, the per-chunk statistics and
+            gradients the Triton kernels' with ``"triton"``.
         chunk_size: rows per chunk (None: as :func:`tokenloss.linear_cross_entropy`).
 
     Returns:
@@ -357,5 +425,6 @@ def linear_token_logprobs(
             chunk_rows,
             check_inputs,
             predicted,
+            _uses_triton(impl, hidden),
         )
     return _outputs(prepared, index, logp, ent, return_entropy, predicted, targets)
