@@ -212,3 +212,49 @@ def test_grpo_trainer_through_tokenloss_equals_trls_own_head(monkeypatch, tiny_h
     initial = transformers.AutoModelForCausalLM.from_pretrained(directory).parameters()
     initial = torch.cat([p.detach().flatten() for p in initial])
     assert (got - initial).abs().max() > 1e-3  # it trained
+
+
+@pytest.mark.slow
+def test_sft_assistant_only_loss_through_tokenloss_equals_trls_own_head(monkeypatch, tiny_hf_dir, tmp_path) -> None:
+    """A conversational dataset with assistant_only_loss (a chat template with generation markers): the logged
+    loss, entropy, mean token accuracy and the trained weights equal those of TRL's own head."""
+    trl, _ = _trl()
+    import datasets
+
+    directory = tiny_hf_dir("llama")
+    words = ["the cat", "a dog sat", "on the mat", "hello there", "good day"]
+    conversations = datasets.Dataset.from_list([
+        {"messages": [{"role": "user", "content": words[i % 5]}, {"role": "assistant", "content": words[(i + 2) % 5]}]}
+        for i in range(8)
+    ])  # fmt: skip
+
+    def run(use_tokenloss: bool, out: str):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+        tokenizer.chat_template = (
+            "{% for message in messages %}{% if message['role'] == 'assistant' %}{% generation %}"
+            "{{ message['content'] }}</s>{% endgeneration %}{% else %}{{ message['content'] }}{% endif %}{% endfor %}"
+        )
+        args = trl.SFTConfig(
+            output_dir=str(tmp_path / out), per_device_train_batch_size=4, max_steps=2, optim="sgd", learning_rate=0.1,
+            report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", bf16=False, assistant_only_loss=True,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=conversations, processing_class=tokenizer)
+        assert -100 in trainer.train_dataset[0]["labels"]  # the user turn does not count
+        if use_tokenloss:
+            tl_trl.patch_trainer(trainer)
+        trainer.train()
+        logs = [
+            (h["loss"], h["entropy"], h["mean_token_accuracy"]) for h in trainer.state.log_history if "entropy" in h
+        ]
+        return torch.tensor(logs, dtype=torch.float64), torch.cat(
+            [p.detach().flatten() for p in trainer.model.parameters()]
+        )
+
+    expected_logs, expected = run(False, "trl")
+    calls = _count_calls(monkeypatch)
+    logs, got = run(True, "tokenloss")
+    assert len(calls) == 2
+    assert_close(logs, expected_logs, rtol=1e-5, atol=1e-6)
+    assert_close(got, expected, rtol=1e-4, atol=1e-5)
