@@ -90,6 +90,10 @@ CONFIGS = [
     {"divergence": "jsd", "temperature": 1.0, "beta": 0.0, "hard_weight": 0.0},
     {"divergence": "jsd", "temperature": 1.0, "beta": 1.0, "hard_weight": 0.0},
     {"divergence": "cross_entropy", "temperature": 3.0, "beta": 0.5, "hard_weight": 1.0},
+    # at T = 1 the hard term is folded into the few-pass chunk math
+    {"divergence": "forward_kl", "temperature": 1.0, "beta": 0.5, "hard_weight": 0.4},
+    {"divergence": "reverse_kl", "temperature": 1.0, "beta": 0.5, "hard_weight": 0.2},
+    {"divergence": "cross_entropy", "temperature": 1.0, "beta": 0.5, "hard_weight": 0.5},
 ]
 
 
@@ -217,3 +221,42 @@ def test_gradients_are_handed_out_once():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="hands them out once"):
         loss.backward()
+
+
+FEW_PASS_CONFIGS = [c for c in CONFIGS if c["divergence"] != "jsd" and not (c["hard_weight"] and c["temperature"] != 1)]
+
+
+@pytest.mark.parametrize("config", FEW_PASS_CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_few_pass_chunk_math_equals_the_plain_formulas(config):
+    """chunk_loss_and_gradient (the fused path's per-chunk math) equals divergence_rows / divergence_gradient in
+    float64, with -inf teacher logits (banned tokens: probability 0, no NaN) and -inf student logits where the
+    teacher has no mass."""
+    from tokenloss.distillation import chunk_loss_and_gradient, divergence_gradient, divergence_rows
+
+    gen = torch.Generator().manual_seed(11)
+    student = torch.randn(6, 17, generator=gen, dtype=torch.float64) * 3
+    teacher = torch.randn(6, 17, generator=gen, dtype=torch.float64) * 3
+    teacher[:, 5] = float("-inf")
+    student[:, 5] = float("-inf")  # the teacher has no mass there either
+    teacher[2, 9] = student[2, 9] = float("-inf")
+    # student probability 0 at [3, 2]: finite for reverse KL (q = 0 there) while the teacher keeps mass;
+    # forward KL and cross-entropy are finite only if the teacher has none there either
+    student[3, 2] = float("-inf")
+    teacher[3, 2] = float("-inf") if config["divergence"] != "reverse_kl" else teacher[3, 2]
+    targets = torch.randint(0, 17, (6,), generator=gen)
+    targets[(targets == 5) | (targets == 9) | (targets == 2)] = 4
+    loss, grad = chunk_loss_and_gradient(student.clone(), teacher.clone(), targets, **config, gradient=True)
+    expected_loss = divergence_rows(student, teacher, targets, **config)
+    expected_grad = divergence_gradient(student, teacher, targets, **config)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert_close(loss, expected_loss, rtol=1e-12, atol=1e-12)
+    assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_an_infinite_divergence_raises():
+    """The student gives probability 0 where the teacher has mass: an infinite loss, a ValueError, not inf."""
+    inputs, targets = make_inputs((2, 4), bias=False)
+    inputs["student_bias"] = torch.zeros(inputs["student_weight"].shape[0])
+    inputs["student_bias"][3] = float("-inf")
+    with pytest.raises(ValueError, match="loss is infinite .* -inf logit"):
+        tl.linear_distillation_loss(**inputs, targets=targets)

@@ -140,6 +140,80 @@ def divergence_gradient(
     return grad
 
 
+def chunk_loss_and_gradient(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor | None,
+    *,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    hard_weight: float,
+    gradient: bool,
+    first_row: int = 0,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`divergence_rows` and, with ``gradient``, :func:`divergence_gradient` of one chunk in a few
+    passes over it, for every divergence but ``"jsd"`` (and not for ``hard_weight > 0`` at ``T != 1``).
+
+    Both chunks are the caller's own products and are overwritten. With ``z = logits / T`` and the rows'
+    log-sum-exps ``a = lse(s)``, ``b = lse(t)``, and ``d = t - s``: ``log p - log q = d + a - b``, so
+
+        forward_kl     sum p d + a - b                    gradient (q - p) / T
+        reverse_kl     -sum q d + b - a                   gradient q (-d + b - a - KL) / T
+        cross_entropy  a - sum p s                        gradient (q - p) / T
+
+    ``p d`` and ``q d`` are 0 where the probability is 0 (a ``-inf`` logit), not ``0 * inf = NaN``.
+    A non-finite row loss is a ValueError naming the head (``first_row``: the chunk's first counted row).
+    """
+    if divergence == "jsd" or (hard_weight and temperature != 1.0):
+        raise ValueError("chunk_loss_and_gradient: use divergence_rows / divergence_gradient for this case")
+    dtype = accumulation_dtype(student_logits.dtype)
+    s, t = student_logits.to(dtype), teacher_logits.to(dtype)
+    if temperature != 1.0:
+        s.div_(temperature)
+        t.div_(temperature)
+    a, b = torch.logsumexp(s, dim=-1), torch.logsumexp(t, dim=-1)  # (n,)
+    for name, lse in (("student", a), ("teacher", b)):
+        bad = ~torch.isfinite(lse)
+        if bool(bad.any()):
+            raise ValueError(
+                f"the {name} logits contain NaN or infinite values in a counted row (first: counted row "
+                f"{first_row + int(bad.nonzero()[0, 0])}); the loss would be NaN. Fix the model's output"
+            )
+    p = torch.sub(t, b.unsqueeze(1)).exp_()
+    q = torch.sub(s, a.unsqueeze(1)).exp_() if gradient or divergence == "reverse_kl" or hard_weight else None
+    if divergence == "cross_entropy":
+        loss = a - torch.linalg.vecdot(p, torch.where(p > 0, s, 0.0))
+    else:
+        d = t.sub_(s)  # t is not needed any more
+        if divergence == "forward_kl":
+            loss = torch.linalg.vecdot(p, torch.where(p > 0, d, 0.0)) + a - b
+        else:  # reverse_kl
+            d = torch.where(q > 0, d, 0.0)
+            loss = b - a - torch.linalg.vecdot(q, d)
+    grad = None
+    if gradient:
+        if divergence == "reverse_kl":
+            grad = d.neg_().add_((b - a - loss).unsqueeze(1)).mul_(q)  # q (log q - log p - KL), KL = loss
+        else:
+            grad = q.sub_(p)
+        grad.mul_((1.0 - hard_weight) / temperature)
+    if hard_weight:  # T = 1: q is softmax(s) and a its log-sum-exp
+        hard = a - s.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        loss = (1.0 - hard_weight) * loss + hard_weight * hard
+        if grad is not None:
+            probs = torch.sub(s, a.unsqueeze(1)).exp_() if divergence != "reverse_kl" else q
+            grad.add_(probs, alpha=hard_weight)
+            grad.scatter_add_(1, targets.unsqueeze(1), torch.full_like(grad[:, :1], -hard_weight))
+    bad = ~torch.isfinite(loss)
+    if bool(bad.any()):
+        raise ValueError(
+            f"the loss is infinite in a counted row (first: counted row {first_row + int(bad.nonzero()[0, 0])}): the "
+            "student gives a -inf logit (probability 0) where the teacher has probability > 0"
+        )
+    return loss, grad
+
+
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.nn.functional.linear(hidden, weight, bias)
 
@@ -154,6 +228,11 @@ def _check_finite(student: Tensor, teacher: Tensor, first_row: int) -> None:
                 f"the {name} logits contain NaN or infinite values in a counted row (first: counted row {row}); "
                 "the loss would be NaN. Fix the model's output"
             )
+
+
+def _few_passes(config: dict) -> bool:
+    """Whether :func:`chunk_loss_and_gradient` covers this configuration."""
+    return config["divergence"] != "jsd" and not (config["hard_weight"] and config["temperature"] != 1.0)
 
 
 class _GradientSinks:
@@ -201,12 +280,19 @@ class _FusedDistillation(torch.autograd.Function):
                 part = slice(start, start + chunk)
                 student = _logits(hidden[part], weight, bias)
                 teacher = _logits(teacher_hidden[part], teacher_weight, teacher_bias)
-                _check_finite(student, teacher, start)
                 part_targets = targets[part] if targets is not None else None
-                log_probs = tempered_log_probs(student, teacher, config["temperature"])  # shared by both
-                losses[part] = divergence_rows(student, teacher, part_targets, **config, log_probs=log_probs)
+                if _few_passes(config):
+                    losses[part], grad = chunk_loss_and_gradient(
+                        student, teacher, part_targets, **config, gradient=sinks is not None, first_row=start
+                    )
+                else:
+                    _check_finite(student, teacher, start)
+                    log_probs = tempered_log_probs(student, teacher, config["temperature"])  # shared by both
+                    losses[part] = divergence_rows(student, teacher, part_targets, **config, log_probs=log_probs)
+                    grad = None
+                    if sinks is not None:
+                        grad = divergence_gradient(student, teacher, part_targets, **config, log_probs=log_probs)
                 if sinks is not None:
-                    grad = divergence_gradient(student, teacher, part_targets, **config, log_probs=log_probs)
                     sinks.add(part, grad.mul_(reduce_scale.to(grad.dtype)), hidden[part], weight)
         ctx.chunk, ctx.config, ctx.sinks = chunk, config, sinks
         if sinks is not None:
@@ -237,7 +323,10 @@ class _FusedDistillation(torch.autograd.Function):
                 teacher = _logits(teacher_hidden[part], teacher_weight, teacher_bias)
                 if ctx.config["divergence"] != "jsd":  # the gradient written out: no autograd graph of (n, V) tensors
                     student = _logits(hidden[part], weight, bias)
-                    grad = divergence_gradient(student, teacher, part_targets, **ctx.config)
+                    if _few_passes(ctx.config):
+                        _, grad = chunk_loss_and_gradient(student, teacher, part_targets, **ctx.config, gradient=True)
+                    else:
+                        grad = divergence_gradient(student, teacher, part_targets, **ctx.config)
                     sinks.add(part, grad.mul_(grad_output[part].to(grad.dtype).unsqueeze(1)), hidden[part], weight)
                     continue
             with torch.enable_grad():  # jsd: autograd on the chunk's logits
