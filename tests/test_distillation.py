@@ -253,10 +253,21 @@ def test_few_pass_chunk_math_equals_the_plain_formulas(config):
     assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
 
 
-def test_an_infinite_divergence_raises():
-    """The student gives probability 0 where the teacher has mass: an infinite loss, a ValueError, not inf."""
+@pytest.mark.parametrize(("head", "divergence", "infinite"), [
+    ("student", "forward_kl", True), ("student", "cross_entropy", True), ("student", "reverse_kl", False),
+    ("teacher", "reverse_kl", True), ("teacher", "forward_kl", False),
+])  # fmt: skip
+def test_an_infinite_divergence_raises(head, divergence, infinite):
+    """A head gives probability 0 (a -inf logit through its bias) where the divergence needs mass: an infinite
+    loss is a ValueError, not a silent inf; where it does not need mass, the loss and its gradient are finite."""
     inputs, targets = make_inputs((2, 4), bias=False)
-    inputs["student_bias"] = torch.zeros(inputs["student_weight"].shape[0])
-    inputs["student_bias"][3] = float("-inf")
+    bias = torch.zeros(inputs[f"{head}_weight"].shape[0])
+    bias[3] = float("-inf")
+    inputs[f"{head}_bias"] = bias
+    if not infinite:
+        loss = tl.linear_distillation_loss(**inputs, targets=targets, divergence=divergence)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(inputs["student_hidden"].grad).all()
+        return
     with pytest.raises(ValueError, match="loss is infinite .* -inf logit"):
-        tl.linear_distillation_loss(**inputs, targets=targets)
+        tl.linear_distillation_loss(**inputs, targets=targets, divergence=divergence)
