@@ -173,7 +173,27 @@ def chunk_loss_and_gradient(
     if temperature != 1.0:
         s.div_(temperature)
         t.div_(temperature)
-    a, b = torch.logsumexp(s, dim=-1), torch.logsumexp(t, dim=-1)  # (n,)
+    # Three (n, V) tensors live at once: s (then q, in place), t (then d = t - s, in place) and p. Each
+    # softmax is one shift, one exp, one sum and one scale; the log-sum-exps come from the same sums.
+    student_max, teacher_max = s.amax(dim=-1), t.amax(dim=-1)  # (n,)
+    p = torch.sub(t, teacher_max.unsqueeze(1)).exp_()
+    teacher_sum = p.sum(dim=-1)
+    b = teacher_max + teacher_sum.log()
+    p.mul_(teacher_sum.reciprocal().unsqueeze(1))
+    hard = -s.gather(-1, targets.unsqueeze(-1)).squeeze(-1) if hard_weight else None  # + a below
+    soft_dot = None
+    if divergence == "cross_entropy":
+        soft_dot = torch.linalg.vecdot(p, t.copy_(s).masked_fill_(p == 0, 0.0))  # sum p s; p log q is 0 where p = 0
+    elif divergence == "forward_kl":
+        # d = t - s, and 0 where p = 0 (t = -inf: d is -inf, or NaN when s is -inf too); +inf (s = -inf where
+        # p > 0) stays: an infinite forward KL
+        d = t.sub_(s).nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0)
+    else:
+        d = t.sub_(s)  # reverse KL: zeroed where q = 0 below
+    q = s.sub_(student_max.unsqueeze(1)).exp_()
+    student_sum = q.sum(dim=-1)
+    a = student_max + student_sum.log()
+    q.mul_(student_sum.reciprocal().unsqueeze(1))
     for name, lse in (("student", a), ("teacher", b)):
         bad = ~torch.isfinite(lse)
         if bool(bad.any()):
@@ -181,18 +201,10 @@ def chunk_loss_and_gradient(
                 f"the {name} logits contain NaN or infinite values in a counted row (first: counted row "
                 f"{first_row + int(bad.nonzero()[0, 0])}); the loss would be NaN. Fix the model's output"
             )
-    # Three (n, V) tensors live at once: s (then q, in place), t (then d = t - s, in place) and p.
-    hard = a - s.gather(-1, targets.unsqueeze(-1)).squeeze(-1) if hard_weight else None
-    p = torch.sub(t, b.unsqueeze(1)).exp_()
+    if hard is not None:
+        hard += a
     if divergence == "cross_entropy":
-        loss = a - torch.linalg.vecdot(p, t.copy_(s).masked_fill_(p == 0, 0.0))  # p log q is 0 where p = 0
-    elif divergence == "forward_kl":
-        # d = t - s, and 0 where p = 0 (t = -inf: d is -inf, or NaN when s is -inf too); +inf (s = -inf where
-        # p > 0) stays: an infinite forward KL
-        d = t.sub_(s).nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0)
-    else:
-        d = t.sub_(s)  # reverse KL: zeroed where q = 0 below
-    q = s.sub_(a.unsqueeze(1)).exp_() if gradient or divergence == "reverse_kl" or hard_weight else None
+        loss = a - soft_dot
     if divergence == "forward_kl":
         loss = torch.linalg.vecdot(p, d) + a - b
     elif divergence == "reverse_kl":
