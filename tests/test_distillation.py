@@ -271,3 +271,14 @@ def test_an_infinite_divergence_raises(head, divergence, infinite):
         return
     with pytest.raises(ValueError, match="loss is infinite .* -inf logit"):
         tl.linear_distillation_loss(**inputs, targets=targets, divergence=divergence)
+
+
+def test_an_upstream_gradient_scales_the_gradients_computed_in_the_forward_pass():
+    """(2.5 * loss).backward() gives 2.5 times the gradients of loss.backward() (scaled in place)."""
+    grads = []
+    for factor in (1.0, 2.5):
+        inputs, targets = make_inputs((2, 5))
+        (factor * tl.linear_distillation_loss(**inputs, targets=targets, hard_weight=0.2)).backward()
+        grads.append((inputs["student_hidden"].grad, inputs["student_weight"].grad))
+    for plain, scaled in zip(*grads):
+        assert_close(scaled, 2.5 * plain)

@@ -276,8 +276,10 @@ class _GradientSinks:
 
     def gradients(self, scale: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         grads = (self.hidden, self.weight, self.bias)
-        if scale is not None:
-            grads = tuple(None if g is None else g * scale.to(g.dtype) for g in grads)
+        # in place (the sums are ours): a scaled copy would hold a second (V, D) weight gradient at the peak;
+        # loss.backward() passes 1, which on the CPU costs nothing to read and skips a pass over (V, D)
+        if scale is not None and (scale.device.type != "cpu" or scale.item() != 1):
+            grads = tuple(None if g is None else g.mul_(scale.to(g.dtype)) for g in grads)
         return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, self.dtypes))
 
 
