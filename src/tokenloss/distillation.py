@@ -30,6 +30,7 @@ import math
 import torch
 from torch import Tensor
 
+from tokenloss.ops import resolve_impl
 from tokenloss.ops.autocast import autocast_inputs, autocast_off, backward_without_autocast
 from tokenloss.ops.compiling import eager_under_compile
 from tokenloss.ops.linear_cross_entropy import counted_row_index, gradients_needed
@@ -194,13 +195,7 @@ def chunk_loss_and_gradient(
     student_sum = q.sum(dim=-1)
     a = student_max + student_sum.log()
     q.mul_(student_sum.reciprocal().unsqueeze(1))
-    for name, lse in (("student", a), ("teacher", b)):
-        bad = ~torch.isfinite(lse)
-        if bool(bad.any()):
-            raise ValueError(
-                f"the {name} logits contain NaN or infinite values in a counted row (first: counted row "
-                f"{first_row + int(bad.nonzero()[0, 0])}); the loss would be NaN. Fix the model's output"
-            )
+    raise_non_finite(a, b, None, first_row)
     if hard is not None:
         hard += a
     if divergence == "cross_entropy":
@@ -223,6 +218,22 @@ def chunk_loss_and_gradient(
             grad.scatter_add_(1, targets.unsqueeze(1), torch.full_like(grad[:, :1], -w))
     if hard_weight:
         loss = (1.0 - hard_weight) * loss + hard_weight * hard
+    raise_non_finite(a, b, loss, first_row)
+    return loss, grad
+
+
+def raise_non_finite(student_lse: Tensor, teacher_lse: Tensor, loss: Tensor | None, first_row: int) -> None:
+    """ValueError naming the head whose log-sum-exp is not finite in some row (NaN or inf logits), or, with
+    ``loss``, saying why a row's loss is infinite; ``first_row``: the chunk's first counted row."""
+    for name, lse in (("student", student_lse), ("teacher", teacher_lse)):
+        bad = ~torch.isfinite(lse)
+        if bool(bad.any()):
+            raise ValueError(
+                f"the {name} logits contain NaN or infinite values in a counted row (first: counted row "
+                f"{first_row + int(bad.nonzero()[0, 0])}); the loss would be NaN. Fix the model's output"
+            )
+    if loss is None:
+        return
     bad = ~torch.isfinite(loss)
     if bool(bad.any()):
         raise ValueError(
@@ -230,7 +241,6 @@ def chunk_loss_and_gradient(
             "head gives a -inf logit (probability 0) where the divergence needs mass (forward KL, cross-entropy: the "
             "student where the teacher has some; reverse KL: the teacher where the student has some)"
         )
-    return loss, grad
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -247,6 +257,15 @@ def _check_finite(student: Tensor, teacher: Tensor, first_row: int) -> None:
                 f"the {name} logits contain NaN or infinite values in a counted row (first: counted row {row}); "
                 "the loss would be NaN. Fix the model's output"
             )
+
+
+def _chunk_math(triton: bool):
+    """:func:`chunk_loss_and_gradient`, or its Triton kernels' version."""
+    if not triton:
+        return chunk_loss_and_gradient
+    from tokenloss.ops.triton.distillation import chunk_loss_and_gradient as kernels
+
+    return kernels
 
 
 def _few_passes(config: dict) -> bool:
@@ -291,7 +310,7 @@ class _FusedDistillation(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, chunk, config, reduce_scale,
-        needs,
+        needs, triton,
     ):  # fmt: skip
         rows = hidden.shape[0]
         losses = torch.empty(rows, dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
@@ -303,7 +322,7 @@ class _FusedDistillation(torch.autograd.Function):
                 teacher = _logits(teacher_hidden[part], teacher_weight, teacher_bias)
                 part_targets = targets[part] if targets is not None else None
                 if _few_passes(config):
-                    losses[part], grad = chunk_loss_and_gradient(
+                    losses[part], grad = _chunk_math(triton)(
                         student, teacher, part_targets, **config, gradient=sinks is not None, first_row=start
                     )
                 else:
@@ -315,7 +334,7 @@ class _FusedDistillation(torch.autograd.Function):
                         grad = divergence_gradient(student, teacher, part_targets, **config, log_probs=log_probs)
                 if sinks is not None:
                     sinks.add(part, grad.mul_(reduce_scale.to(grad.dtype)), hidden[part], weight)
-        ctx.chunk, ctx.config, ctx.sinks = chunk, config, sinks
+        ctx.chunk, ctx.config, ctx.sinks, ctx.triton = chunk, config, sinks, triton
         if sinks is not None:
             return losses.sum() * reduce_scale.to(losses.dtype)
         ctx.save_for_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets)
@@ -333,7 +352,7 @@ class _FusedDistillation(torch.autograd.Function):
                     "once: a second backward through the same graph is not supported; run the forward again"
                 )
             sinks, ctx.sinks = ctx.sinks, "used"
-            return (*sinks.gradients(grad_output.reshape(())), *([None] * 8))
+            return (*sinks.gradients(grad_output.reshape(())), *([None] * 9))
         hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         sinks = _GradientSinks(hidden, weight, bias, needs)
@@ -345,7 +364,7 @@ class _FusedDistillation(torch.autograd.Function):
                 if ctx.config["divergence"] != "jsd":  # the gradient written out: no autograd graph of (n, V) tensors
                     student = _logits(hidden[part], weight, bias)
                     if _few_passes(ctx.config):
-                        _, grad = chunk_loss_and_gradient(student, teacher, part_targets, **ctx.config, gradient=True)
+                        _, grad = _chunk_math(ctx.triton)(student, teacher, part_targets, **ctx.config, gradient=True)
                     else:
                         grad = divergence_gradient(student, teacher, part_targets, **ctx.config)
                     sinks.add(part, grad.mul_(grad_output[part].to(grad.dtype).unsqueeze(1)), hidden[part], weight)
@@ -355,7 +374,7 @@ class _FusedDistillation(torch.autograd.Function):
                 losses = divergence_rows(logits, teacher, part_targets, **ctx.config)
                 (grad,) = torch.autograd.grad(losses, logits, grad_outputs=grad_output[part].to(losses.dtype))
             sinks.add(part, grad.to(accumulation_dtype(logits.dtype)), hidden[part], weight)
-        return (*sinks.gradients(), *([None] * 8))
+        return (*sinks.gradients(), *([None] * 9))
 
 
 @eager_under_compile
@@ -377,6 +396,7 @@ def linear_distillation_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    impl: str = "auto",
 ) -> Tensor:
     """The distillation loss between a teacher and a student, fused with both LM heads (see the module doc).
 
@@ -404,6 +424,10 @@ def linear_distillation_loss(
             the vocabulary), ``"sum"``, or ``"none"`` (per position, 0 where it does not count,
             shaped like the leading shape, less the shift).
         chunk_size: rows per chunk (default: 32 MiB of float32 logits per head).
+        impl: ``"auto"`` (Triton for CUDA tensors when it is installed), ``"torch"`` or ``"triton"``: the
+            per-chunk math of the forward/reverse KL and the cross-entropy in two kernels
+            (:mod:`tokenloss.ops.triton.distillation`); the products, ``"jsd"`` and a hard term at
+            ``temperature != 1`` stay torch's.
 
     Returns:
         A float32 tensor (float64 for float64 inputs): 0-dim for ``"mean"``/``"sum"``.
@@ -477,6 +501,7 @@ def linear_distillation_loss(
             hidden, student_weight, student_bias, teacher, teacher_weight.detach(),
             teacher_bias.detach() if teacher_bias is not None else None,
             rows_targets if config["hard_weight"] else None, chunk, config, reduce_scale, needs,
+            resolve_impl(impl, hidden.device) == "triton",
         )  # fmt: skip
     if reduce_scale is not None:
         return losses

@@ -51,10 +51,11 @@ def small_tiles(monkeypatch):
     (and the interpreter stays fast). Still >= 16 per dot dimension, which compiled ``tl.dot`` needs."""
     if not HAS_TRITON:
         return
-    from tokenloss.ops.triton import cross_entropy, linear_cross_entropy, logprobs
+    from tokenloss.ops.triton import cross_entropy, distillation, linear_cross_entropy, logprobs
 
     monkeypatch.setattr(cross_entropy, "MAX_BLOCK_V", 128)
     monkeypatch.setattr(logprobs, "MAX_BLOCK_V", 64)
+    monkeypatch.setattr(distillation, "MAX_BLOCK_V", 64)
     monkeypatch.setattr(linear_cross_entropy, "BLOCK_M", 16)
     monkeypatch.setattr(linear_cross_entropy, "BLOCK_N", 32)
     monkeypatch.setattr(linear_cross_entropy, "BLOCK_K", 16)

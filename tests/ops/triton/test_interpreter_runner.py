@@ -15,7 +15,13 @@ pytest.importorskip("triton", reason="the Triton kernels need the triton package
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
-MODULES = ["test_common.py", "test_cross_entropy.py", "test_linear_cross_entropy.py", "test_logprobs.py"]
+MODULES = [
+    "test_common.py",
+    "test_cross_entropy.py",
+    "test_linear_cross_entropy.py",
+    "test_logprobs.py",
+    "test_distillation.py",
+]
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
