@@ -46,11 +46,21 @@ def _count_calls(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("pre_shifted", [False, True], ids=["labels", "shift_labels"])
-def test_fused_head_outputs_and_gradients_equal_trls(monkeypatch, temperature, pre_shifted) -> None:
-    """model(..., fused_lm_head=True) as GRPO/DPO/SFT call it: log_probs, entropy, is_top1, label_mask and loss
-    equal TRL's own fused head's, and so do the gradients of a policy-gradient-plus-entropy objective."""
+@pytest.mark.parametrize(
+    ("family", "temperature", "pre_shifted", "logit_scale"),
+    [
+        ("llama", 1.0, False, None),
+        ("llama", 0.7, False, None),
+        ("llama", 1.0, True, None),
+        ("llama", 0.7, True, None),
+        ("llama", 0.7, False, 2.5),  # a config logit_scale (as Cohere's), which TRL applies before the temperature
+        ("mixtral", 1.0, False, None),  # the router's load-balancing loss in TRL's loss and aux_loss
+    ],
+)
+def test_fused_head_outputs_and_gradients_equal_trls(monkeypatch, family, temperature, pre_shifted, logit_scale):
+    """model(..., fused_lm_head=True) as GRPO/DPO/SFT call it: log_probs, entropy, is_top1, label_mask, loss (and
+    a mixture of experts' aux_loss) equal TRL's own fused head's, and so do the gradients of a
+    policy-gradient-plus-entropy objective."""
     _, add_fused_lm_head = _trl()
     inputs = batch(7)
     labels = inputs.pop("labels")
@@ -59,7 +69,9 @@ def test_fused_head_outputs_and_gradients_equal_trls(monkeypatch, temperature, p
     results = []
     calls = _count_calls(monkeypatch)
     for use_tokenloss in (False, True):
-        model = tiny_model("llama").train()
+        model = tiny_model(family).train()
+        if logit_scale is not None:
+            model.config.logit_scale = logit_scale
         add_fused_lm_head(model, temperature=temperature, outputs=("log_probs", "entropy", "is_top1"))
         if use_tokenloss:
             tl_trl.patch_trainer(_Trainer(model))
@@ -75,6 +87,9 @@ def test_fused_head_outputs_and_gradients_equal_trls(monkeypatch, temperature, p
         assert_close(getattr(ours, field), getattr(trl_out, field), rtol=1e-5, atol=1e-6, msg=field)
     assert torch.equal(ours.is_top1.bool(), trl_out.is_top1.bool())
     assert torch.equal(ours.label_mask, trl_out.label_mask)
+    if family == "mixtral":
+        assert trl_out.aux_loss > 0
+        assert_close(ours.aux_loss, trl_out.aux_loss, rtol=0, atol=0)
     for name in trl_grads:
         assert_close(our_grads[name], trl_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
