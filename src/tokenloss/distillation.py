@@ -248,15 +248,8 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _check_finite(student: Tensor, teacher: Tensor, first_row: int) -> None:
-    for name, logits in (("student", student), ("teacher", teacher)):
-        lse = torch.logsumexp(logits.float(), dim=-1)
-        bad = ~torch.isfinite(lse)
-        if bool(bad.any()):
-            row = first_row + int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"the {name} logits contain NaN or infinite values in a counted row (first: counted row {row}); "
-                "the loss would be NaN. Fix the model's output"
-            )
+    lse = (torch.logsumexp(logits.float(), dim=-1) for logits in (student, teacher))
+    raise_non_finite(*lse, None, first_row)
 
 
 def _chunk_math(triton: bool):

@@ -156,8 +156,7 @@ def cross_entropy(
         **extra,
     )
     loss = prepared.reduce(rows, options.reduction)
-    return loss if side is None else _with_side_outputs(loss, side, prepared, options, return_z_loss,
-                                                        return_token_accuracy, return_lse)  # fmt: skip
+    return loss if side is None else side_outputs(loss, side, prepared, options)
 
 
 @eager_under_compile
@@ -248,8 +247,7 @@ def linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, prepared, options, **extra
         )
     loss = prepared.reduce(loss, "none") if options.reduction == "none" else loss
-    return loss if side is None else _with_side_outputs(loss, side, prepared, options, return_z_loss,
-                                                        return_token_accuracy, return_lse)  # fmt: skip
+    return loss if side is None else side_outputs(loss, side, prepared, options)
 
 
 def _side_rows(return_z_loss: bool, return_token_accuracy: bool, return_lse: bool) -> SideRows | None:
@@ -260,14 +258,7 @@ def _side_rows(return_z_loss: bool, return_token_accuracy: bool, return_lse: boo
             raise TypeError(f"{name} must be True or False, got {value!r}")
     if not (return_z_loss or return_token_accuracy or return_lse):
         return None
-    return SideRows(argmax=return_token_accuracy)
-
-
-def _with_side_outputs(loss, side, prepared, options, return_z_loss, return_token_accuracy, return_lse):
-    return side_outputs(
-        loss, side, prepared, options, return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
-        return_lse=return_lse,
-    )  # fmt: skip
+    return SideRows(z_loss=return_z_loss, token_accuracy=return_token_accuracy, lse_out=return_lse)
 
 
 def _probability_cross_entropy(

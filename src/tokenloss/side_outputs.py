@@ -43,48 +43,46 @@ class CrossEntropyOutput(NamedTuple):
 
 @dataclass
 class SideRows:
-    """Per-row quantities a loss's forward pass records for its side outputs (detached).
+    """The side outputs asked for, and the per-row quantities a loss's forward pass records for them (detached).
 
     Attributes:
-        argmax: whether to record ``predicted`` (one ``max`` with indices instead of ``amax``).
+        z_loss, token_accuracy, lse_out: which side outputs were asked for.
         lse: ``(R,)`` the rows' log-sum-exp in the accumulation dtype, filled by the forward pass.
-        predicted: ``(R,)`` int64 index of each row's largest (capped) logit, when ``argmax``.
+        predicted: ``(R,)`` int64 index of each row's largest (capped) logit, filled when ``argmax``.
     """
 
-    argmax: bool
+    z_loss: bool
+    token_accuracy: bool
+    lse_out: bool
     lse: Tensor | None = None
     predicted: Tensor | None = None
 
+    @property
+    def argmax(self) -> bool:
+        """Whether the forward pass records ``predicted`` (one ``max`` with indices instead of ``amax``)."""
+        return self.token_accuracy
 
-def side_outputs(
-    loss: Tensor,
-    rows: SideRows,
-    prepared: PreparedTargets,
-    options: LossOptions,
-    *,
-    return_z_loss: bool,
-    return_token_accuracy: bool,
-    return_lse: bool,
-) -> CrossEntropyOutput:
+
+def side_outputs(loss: Tensor, rows: SideRows, prepared: PreparedTargets, options: LossOptions) -> CrossEntropyOutput:
     """The :class:`CrossEntropyOutput` of a loss whose forward filled ``rows``.
 
     Args:
         loss: the reduced loss.
-        rows: filled by the forward pass for the N rows of ``prepared`` (any value where a row does
-            not count).
+        rows: what was asked for, filled by the forward pass for the N rows of ``prepared`` (any
+            value where a row does not count).
         prepared: the loss's targets and weights.
         options: the loss options (``z_loss`` and ``reduction``).
     """
     lse, predicted = rows.lse.detach(), rows.predicted
     lse = torch.where(prepared.counted, lse, torch.zeros_like(lse))
     z_term = accuracy = None
-    if return_z_loss:
+    if rows.z_loss:
         z_rows = options.z_loss * lse.square() * prepared.weights.to(lse.dtype)
         z_term = prepared.reduce(z_rows, options.reduction)
-    if return_token_accuracy:
+    if rows.token_accuracy:
         correct = ((predicted == prepared.targets) & prepared.counted).to(lse.dtype)
         if options.reduction == "mean":
             accuracy = correct.sum() / prepared.counted.sum().clamp(min=1).to(lse.dtype)
         else:
             accuracy = prepared.reduce(correct, options.reduction)
-    return CrossEntropyOutput(loss, z_term, accuracy, prepared.reduce(lse, "none") if return_lse else None)
+    return CrossEntropyOutput(loss, z_term, accuracy, prepared.reduce(lse, "none") if rows.lse_out else None)

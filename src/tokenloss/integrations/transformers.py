@@ -273,10 +273,9 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def _trl_fused_head(model: nn.Module) -> bool:
     """Whether TRL's ``add_fused_lm_head`` (or tokenloss's TRL integration) replaced the model's forward."""
-    from tokenloss.integrations.trl import is_patched as trl_patched
     from tokenloss.integrations.trl import is_trl_fused_forward
 
-    return is_trl_fused_forward(model.__dict__.get("forward")) or trl_patched(model)
+    return is_trl_fused_forward(model.__dict__.get("forward")) or _trl_patched(model)
 
 
 def _warn_if_bypassed_by_trl(model: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -38,6 +38,12 @@ def softcap_tanh(x, cap):
     return cap * tl.where(y < 0, -t, t)
 
 
+def block_v(vocab_size: int, max_block_v: int) -> int:
+    """The tile width of a row-streaming kernel: the next power of two of ``vocab_size``, within
+    ``[16, max_block_v]`` (each kernel module has its ``MAX_BLOCK_V``, which the tests lower)."""
+    return max(16, min(max_block_v, triton.next_power_of_2(vocab_size)))
+
+
 def triton_dtype(dtype: torch.dtype):
     """The Triton scalar type of a torch float dtype (accumulators and constexpr casts)."""
     return {

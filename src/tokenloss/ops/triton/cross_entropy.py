@@ -45,7 +45,7 @@ from tokenloss.ops.rowwise import (
     refuse_double_backward,
     scale_coefficients,
 )
-from tokenloss.ops.triton.common import check_device, on_device_of, softcap_tanh, triton_dtype
+from tokenloss.ops.triton.common import block_v, check_device, on_device_of, softcap_tanh, triton_dtype
 from tokenloss.options import LossOptions
 
 # Largest tile of a row that one loop iteration holds (elements); tests lower it to exercise the
@@ -55,7 +55,7 @@ NUM_WARPS = 8
 
 
 def _block_v(vocab_size: int) -> int:
-    return max(16, min(MAX_BLOCK_V, triton.next_power_of_2(vocab_size)))
+    return block_v(vocab_size, MAX_BLOCK_V)  # read at each launch: the tests lower MAX_BLOCK_V
 
 
 @triton.jit
