@@ -47,17 +47,20 @@ def _count_calls(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("family", "temperature", "pre_shifted", "logit_scale"),
+    ("family", "temperature", "pre_shifted", "logit_scale", "fp32_head"),
     [
-        ("llama", 1.0, False, None),
-        ("llama", 0.7, False, None),
-        ("llama", 1.0, True, None),
-        ("llama", 0.7, True, None),
-        ("llama", 0.7, False, 2.5),  # a config logit_scale (as Cohere's), which TRL applies before the temperature
-        ("mixtral", 1.0, False, None),  # the router's load-balancing loss in TRL's loss and aux_loss
+        ("llama", 1.0, False, None, False),
+        ("llama", 0.7, False, None, False),
+        ("llama", 1.0, True, None, False),
+        ("llama", 0.7, True, None, False),
+        ("llama", 0.7, False, 2.5, False),  # a config logit_scale (as Cohere's), applied before the temperature
+        ("mixtral", 1.0, False, None, False),  # the router's load-balancing loss in TRL's loss and aux_loss
+        ("llama", 0.7, False, None, True),  # bf16 autocast with GRPO's cast_lm_head_to_fp32: the head in float32
     ],
 )
-def test_fused_head_outputs_and_gradients_equal_trls(monkeypatch, family, temperature, pre_shifted, logit_scale):
+def test_fused_head_outputs_and_gradients_equal_trls(
+    monkeypatch, family, temperature, pre_shifted, logit_scale, fp32_head
+):
     """model(..., fused_lm_head=True) as GRPO/DPO/SFT call it: log_probs, entropy, is_top1, label_mask, loss (and
     a mixture of experts' aux_loss) equal TRL's own fused head's, and so do the gradients of a
     policy-gradient-plus-entropy objective."""
@@ -72,11 +75,13 @@ def test_fused_head_outputs_and_gradients_equal_trls(monkeypatch, family, temper
         model = tiny_model(family).train()
         if logit_scale is not None:
             model.config.logit_scale = logit_scale
-        add_fused_lm_head(model, temperature=temperature, outputs=("log_probs", "entropy", "is_top1"))
+        add_fused_lm_head(model, temperature=temperature, outputs=("log_probs", "entropy", "is_top1"),
+                          cast_lm_head_to_fp32=fp32_head)  # fmt: skip
         if use_tokenloss:
             tl_trl.patch_trainer(_Trainer(model))
             assert tl_trl.is_patched(model)
-        out = model(**inputs, **call, fused_lm_head=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fp32_head):
+            out = model(**inputs, **call, fused_lm_head=True)
         advantages = torch.linspace(-1, 1, out.log_probs.numel()).view_as(out.log_probs)
         (-(advantages * out.log_probs).sum() - 0.01 * out.entropy.sum()).backward()
         grads = {name: p.grad for name, p in model.named_parameters()}

@@ -20,6 +20,7 @@ need the full logits) warn once that tokenloss is bypassed for them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 import warnings
@@ -146,11 +147,13 @@ def _forward(self: nn.Module, *args, fused_lm_head=False, labels=None, shift_lab
         hidden = hidden.float()
 
     def logprobs(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        if state["cast_lm_head_to_fp32"]:
+        fp32 = state["cast_lm_head_to_fp32"]
+        if fp32:
             weight, bias = weight.float(), None if bias is None else bias.float()
-            with torch.autocast(h.device.type, enabled=False):
-                return _token_logprobs(h, weight, bias, targets, temperature, shift_labels is None)
-        return _token_logprobs(h, weight, bias, targets, temperature, shift_labels is None)
+        with torch.autocast(h.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+            return linear_token_logprobs(
+                h, weight, targets, bias=bias, temperature=temperature, shift=shift_labels is None, return_top1=True
+            )
 
     log_probs, entropy, is_top1 = call_head(head, hidden, logprobs)
     label_mask = (targets[:, 1:] if shift_labels is None else targets) != -100
@@ -168,13 +171,6 @@ def _forward(self: nn.Module, *args, fused_lm_head=False, labels=None, shift_lab
     return FusedCausalLMOutput(
         loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=label_mask, aux_loss=aux_loss
     )
-
-
-def _token_logprobs(hidden, weight, bias, targets, temperature, shift):
-    log_probs, entropy, is_top1 = linear_token_logprobs(
-        hidden, weight, targets, bias=bias, temperature=temperature, shift=shift, return_top1=True
-    )
-    return log_probs, entropy, is_top1
 
 
 def _warn_bypassed(model: nn.Module) -> None:
