@@ -29,6 +29,14 @@ MARGINS: dict[torch.dtype, float] = {
 }
 
 
+@pytest.fixture(params=["one-block", "1-row-blocks"])
+def cache_blocks(request, monkeypatch):
+    """Runs a test with the CPU's elementwise math on whole chunks, then on blocks of one row of them
+    (:func:`tokenloss.ops.rowwise.cache_blocks`; at a test's small V a chunk is one block by default)."""
+    if request.param == "1-row-blocks":
+        monkeypatch.setattr("tokenloss.ops.rowwise.CACHE_BLOCK_BYTES", 1)
+
+
 @pytest.fixture
 def tolerances() -> dict[torch.dtype, dict[str, float]]:
     """Per-dtype ``assert_close`` tolerances against a float64 truth (see :data:`TOLERANCES`)."""

@@ -99,7 +99,7 @@ CONFIGS = [
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_value_and_student_gradients_equal_float64(config, reduction):
+def test_value_and_student_gradients_equal_float64(config, reduction, cache_blocks):
     inputs, targets = make_inputs((3, 7))
     targets[0, 2] = targets[2, 5] = -100
     mask = torch.ones(3, 7, dtype=torch.bool)
@@ -143,7 +143,7 @@ def test_identical_distributions_give_zero_divergence():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_other_dtypes_track_float64(dtype):
+def test_other_dtypes_track_float64(dtype, cache_blocks):
     inputs, targets = make_inputs((2, 6), dtype=dtype)
     config = {"divergence": "jsd", "temperature": 2.0, "beta": 0.3, "hard_weight": 0.2}
     loss = tl.linear_distillation_loss(**inputs, targets=targets, **config)
@@ -227,7 +227,7 @@ FEW_PASS_CONFIGS = [c for c in CONFIGS if c["divergence"] != "jsd" and not (c["h
 
 
 @pytest.mark.parametrize("config", FEW_PASS_CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
-def test_few_pass_chunk_math_equals_the_plain_formulas(config):
+def test_few_pass_chunk_math_equals_the_plain_formulas(config, cache_blocks):
     """chunk_loss_and_gradient (the fused path's per-chunk math) equals divergence_rows / divergence_gradient in
     float64, with -inf teacher logits (banned tokens: probability 0, no NaN) and -inf student logits where the
     teacher has no mass."""

@@ -58,7 +58,7 @@ CASES = {
 @pytest.mark.parametrize("entry", ["token_logprobs", "linear_token_logprobs"])
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 @pytest.mark.parametrize("case", list(CASES))
-def test_values_and_independent_gradients_match_float64(entry, dtype, case):
+def test_values_and_independent_gradients_match_float64(entry, dtype, case, cache_blocks):
     """logp and entropy, and the gradients of g * logp + h * entropy (independent g, h per token),
     equal the float64 reference built from full logits."""
     options = dict(CASES[case])
@@ -200,7 +200,7 @@ def test_grpo_objective_on_fused_logprobs_equals_full_float64_logits():
 
 @pytest.mark.parametrize("fused", [False, True], ids=["token_logprobs", "linear_token_logprobs"])
 @pytest.mark.parametrize("shift", [False, True])
-def test_return_top1_is_argmax_equal_to_token(fused, shift) -> None:
+def test_return_top1_is_argmax_equal_to_token(fused, shift, cache_blocks) -> None:
     """is_top1 equals (argmax of the full logits == token) at counted positions, False elsewhere; ties go to the
     first index as torch.argmax; logp and entropy are unchanged by asking for it."""
     gen = torch.Generator().manual_seed(3)
@@ -230,7 +230,7 @@ def test_return_top1_is_argmax_equal_to_token(fused, shift) -> None:
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_minus_inf_logits_give_finite_gradients(fused) -> None:
+def test_minus_inf_logits_give_finite_gradients(fused, cache_blocks) -> None:
     """A -inf logit (a banned token, p = 0) with both logp and entropy differentiated: its gradient is 0, not
     NaN (e^x * x is 0 * -inf there), and the others equal those of the same row without that column."""
     gen = torch.Generator().manual_seed(5)

@@ -34,7 +34,7 @@ from tokenloss.ops import resolve_impl
 from tokenloss.ops.autocast import autocast_inputs, autocast_off, backward_without_autocast
 from tokenloss.ops.compiling import eager_under_compile
 from tokenloss.ops.linear_cross_entropy import counted_row_index, gradients_needed
-from tokenloss.ops.rowwise import accumulation_dtype, refuse_double_backward
+from tokenloss.ops.rowwise import accumulation_dtype, cache_blocks, refuse_double_backward
 from tokenloss.options import LossOptions, check_linear_inputs, prepare_targets
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "cross_entropy")
@@ -155,7 +155,44 @@ def chunk_loss_and_gradient(
     first_row: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`divergence_rows` and, with ``gradient``, :func:`divergence_gradient` of one chunk in a few
-    passes over it, for every divergence but ``"jsd"`` (and not for ``hard_weight > 0`` at ``T != 1``).
+    passes over it, for every divergence but ``"jsd"`` (and not for ``hard_weight > 0`` at ``T != 1``):
+    ``(n,)`` losses and the ``(n, V)`` gradient (or None), in the accumulation dtype.
+
+    Both chunks are the caller's own products and are overwritten (the gradient is the student's chunk
+    itself when it is in the accumulation dtype). On the CPU the rows go through in cache-sized blocks
+    (:func:`~tokenloss.ops.rowwise.cache_blocks`); :func:`block_loss_and_gradient` gives the math.
+    """
+    if divergence == "jsd" or (hard_weight and temperature != 1.0):
+        raise ValueError("chunk_loss_and_gradient: use divergence_rows / divergence_gradient for this case")
+    n_rows, vocab = student_logits.shape
+    dtype = accumulation_dtype(student_logits.dtype)
+    losses = torch.empty(n_rows, dtype=dtype, device=student_logits.device)
+    grad = None
+    if gradient:
+        grad = student_logits if student_logits.dtype == dtype else torch.empty_like(student_logits, dtype=dtype)
+    for rows in cache_blocks(n_rows, vocab, student_logits.device):
+        losses[rows], block_grad = block_loss_and_gradient(
+            student_logits[rows], teacher_logits[rows], None if targets is None else targets[rows],
+            temperature=temperature, divergence=divergence, hard_weight=hard_weight, gradient=gradient,
+            first_row=first_row + (rows.start or 0),
+        )  # fmt: skip
+        if grad is not None and block_grad.data_ptr() != grad[rows].data_ptr():
+            grad[rows] = block_grad
+    return losses, grad
+
+
+def block_loss_and_gradient(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor | None,
+    *,
+    temperature: float,
+    divergence: str,
+    hard_weight: float,
+    gradient: bool,
+    first_row: int = 0,
+) -> tuple[Tensor, Tensor | None]:
+    """The math of :func:`chunk_loss_and_gradient` on one block of rows.
 
     Both chunks are the caller's own products and are overwritten. With ``z = logits / T`` and the rows'
     log-sum-exps ``a = lse(s)``, ``b = lse(t)``, and ``d = t - s``: ``log p - log q = d + a - b``, so
@@ -167,8 +204,6 @@ def chunk_loss_and_gradient(
     ``p d`` and ``q d`` are 0 where the probability is 0 (a ``-inf`` logit), not ``0 * inf = NaN``.
     A non-finite row loss is a ValueError naming the head (``first_row``: the chunk's first counted row).
     """
-    if divergence == "jsd" or (hard_weight and temperature != 1.0):
-        raise ValueError("chunk_loss_and_gradient: use divergence_rows / divergence_gradient for this case")
     dtype = accumulation_dtype(student_logits.dtype)
     s, t = student_logits.to(dtype), teacher_logits.to(dtype)
     if temperature != 1.0:
@@ -213,7 +248,9 @@ def chunk_loss_and_gradient(
             if w:
                 grad.add_(q, alpha=w)
         else:  # (q - p) / T; with w: q - (1 - w) p
-            grad = q.sub_(p, alpha=1.0 - w) if w else q.sub_(p).div_(temperature)
+            grad = q.sub_(p, alpha=1.0 - w)
+            if not w and temperature != 1.0:
+                grad.div_(temperature)
         if w:
             grad.scatter_add_(1, targets.unsqueeze(1), torch.full_like(grad[:, :1], -w))
     if hard_weight:
@@ -277,14 +314,18 @@ class _GradientSinks:
         self.bias = torch.zeros_like(bias, dtype=acc) if needs[2] and bias is not None else None
         self.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
 
-    def add(self, part: slice, grad: Tensor, hidden: Tensor, weight: Tensor) -> None:
-        """Adds the chunk whose gradient w.r.t. the student's logits is ``grad`` ``(n, V)``."""
+    def add(self, part: slice, grad: Tensor, hidden: Tensor, weight: Tensor, scale: Tensor | None = None) -> None:
+        """Adds the chunk whose gradient w.r.t. the student's logits is ``scale * grad``: ``grad`` ``(n, V)``,
+        ``scale`` a 0-dim or ``(n,)`` tensor (None: 1), applied to the ``(n, D)`` sides of the products
+        rather than to the ``(n, V)`` gradient (a pass over the chunk saved)."""
+        row_scale = None if scale is None else scale.to(grad.dtype).reshape(-1, 1)
         if self.hidden is not None:
-            self.hidden[part] = (grad @ weight.to(grad.dtype)).to(self.hidden.dtype)
+            rows = grad @ weight.to(grad.dtype)
+            self.hidden[part] = (rows if row_scale is None else rows.mul_(row_scale)).to(self.hidden.dtype)
         if self.weight is not None:
-            self.weight.addmm_(grad.t(), hidden.to(grad.dtype))
+            self.weight.addmm_(grad.t(), hidden.to(grad.dtype) if row_scale is None else hidden * row_scale)
         if self.bias is not None:
-            self.bias += grad.sum(0)
+            self.bias += grad.sum(0) if row_scale is None else row_scale.reshape(-1).expand(grad.shape[0]) @ grad
 
     def gradients(self, scale: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         grads = (self.hidden, self.weight, self.bias)
@@ -326,7 +367,7 @@ class _FusedDistillation(torch.autograd.Function):
                     if sinks is not None:
                         grad = divergence_gradient(student, teacher, part_targets, **config, log_probs=log_probs)
                 if sinks is not None:
-                    sinks.add(part, grad.mul_(reduce_scale.to(grad.dtype)), hidden[part], weight)
+                    sinks.add(part, grad, hidden[part], weight, reduce_scale)
         ctx.chunk, ctx.config, ctx.sinks, ctx.triton = chunk, config, sinks, triton
         if sinks is not None:
             return losses.sum() * reduce_scale.to(losses.dtype)
@@ -360,7 +401,7 @@ class _FusedDistillation(torch.autograd.Function):
                         _, grad = _chunk_math(ctx.triton)(student, teacher, part_targets, **ctx.config, gradient=True)
                     else:
                         grad = divergence_gradient(student, teacher, part_targets, **ctx.config)
-                    sinks.add(part, grad.mul_(grad_output[part].to(grad.dtype).unsqueeze(1)), hidden[part], weight)
+                    sinks.add(part, grad, hidden[part], weight, grad_output[part])
                     continue
             with torch.enable_grad():  # jsd: autograd on the chunk's logits
                 logits = _logits(hidden[part], weight, bias).detach().requires_grad_()

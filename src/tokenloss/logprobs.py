@@ -36,7 +36,13 @@ from tokenloss.ops.linear_cross_entropy import (
     counted_row_index,
     fused_chunk_rows,
 )
-from tokenloss.ops.rowwise import accumulation_dtype, finite_shift, refuse_double_backward, row_maximum
+from tokenloss.ops.rowwise import (
+    accumulation_dtype,
+    cache_blocks,
+    finite_shift,
+    refuse_double_backward,
+    row_maximum,
+)
 from tokenloss.options import LossOptions, check_linear_inputs, check_logits, prepare_targets
 
 
@@ -105,8 +111,19 @@ def _rows_statistics(
         from tokenloss.ops.triton import logprobs as kernels
 
         return kernels.statistics(raw, targets, temperature, want_entropy, argmax_out)
-    z = _tempered(raw, accumulation_dtype(raw.dtype), temperature, copy=not own)
-    return _chunk_statistics(z, targets, want_entropy, argmax_out)
+    acc = accumulation_dtype(raw.dtype)
+    blocks = cache_blocks(raw.shape[0], raw.shape[1], raw.device)
+    if len(blocks) == 1:
+        return _chunk_statistics(_tempered(raw, acc, temperature, copy=not own), targets, want_entropy, argmax_out)
+    shift, log_sum, logp = (torch.empty(raw.shape[0], dtype=acc, device=raw.device) for _ in range(3))
+    ent = torch.empty_like(shift) if want_entropy else None
+    for rows in blocks:
+        top = None if argmax_out is None else argmax_out[rows]
+        z = _tempered(raw[rows], acc, temperature, copy=not own)
+        shift[rows], log_sum[rows], logp[rows], block_ent = _chunk_statistics(z, targets[rows], want_entropy, top)
+        if ent is not None:
+            ent[rows] = block_ent
+    return shift, log_sum, logp, ent
 
 
 def _rows_gradient(
@@ -130,8 +147,14 @@ def _rows_gradient(
 
         out = torch.empty(raw.shape, dtype=acc, device=raw.device)
         return kernels.gradient(raw, targets, shift, log_sum, ent, g_logp, g_ent, temperature, out)
-    z = _tempered(raw, acc, temperature, copy=not own)
-    return _chunk_gradient(z, targets, shift, log_sum, ent, g_logp, g_ent, 1 / temperature)
+    grad = raw if own and raw.dtype == acc else torch.empty(raw.shape, dtype=acc, device=raw.device)
+    for rows in cache_blocks(raw.shape[0], raw.shape[1], raw.device):
+        z = _tempered(raw[rows], acc, temperature, copy=not own)
+        block = _chunk_gradient(z, targets[rows], shift[rows], log_sum[rows], ent[rows], g_logp[rows], g_ent[rows],
+                                1 / temperature)  # fmt: skip
+        if block.data_ptr() != grad[rows].data_ptr():
+            grad[rows] = block
+    return grad
 
 
 def _tempered(logits: Tensor, acc: torch.dtype, temperature: float, *, copy: bool = False) -> Tensor:

@@ -72,6 +72,22 @@ class RowStatistics:
         )
 
 
+# On the CPU the elementwise passes over a chunk (maxima, exponentials, sums, the gradient's scaling) run on
+# blocks of rows of about this many bytes per (rows, V) float32 tensor, so that a block's few tensors stay in
+# the cache from one pass to the next; the products keep the whole chunk (their speed needs the rows). At
+# (4096, 512, 32000) the distillation's per-chunk math took 0.52 s in 256-row chunks, 0.34 s in 16-row blocks.
+CACHE_BLOCK_BYTES = 2 << 20
+
+
+def cache_blocks(n_rows: int, vocab_size: int, device: torch.device) -> list[slice]:
+    """Row slices covering ``n_rows`` rows of ``vocab_size`` columns for the elementwise math: one slice on an
+    accelerator (each op is one kernel launch over the chunk), about :data:`CACHE_BLOCK_BYTES` of float32
+    each on the CPU. Never empty (``[slice(0, 0)]`` for no rows)."""
+    rows = n_rows if device.type != "cpu" else CACHE_BLOCK_BYTES // (4 * max(vocab_size, 1))
+    rows = max(rows, 1)
+    return [slice(start, start + rows) for start in range(0, n_rows, rows)] or [slice(0, 0)]
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 inputs (so that gradcheck is exact), float32 for everything else."""
     return torch.float64 if dtype == torch.float64 else torch.float32
