@@ -17,10 +17,12 @@ For each position that counts, with student logits ``s = h_s @ W_s.T + b_s`` and
 temperature 1 on ``targets``.
 
 The forward pass computes both heads' logits one chunk of rows at a time and keeps only the ``(N,)``
-per-position losses; the backward pass recomputes each chunk and differentiates it (autograd on
-the chunk), so memory beyond the inputs and gradients is one chunk of rows of each head. Rows that
-do not count are dropped before the products. Gradients reach the student's hidden states, weight
-and bias only: the teacher is a constant.
+per-position losses; with ``reduction="mean"`` or ``"sum"`` it also computes the gradient of each chunk
+(written out, :func:`divergence_gradient`) and adds its products to the student's gradients, so the
+backward pass only hands them out; with ``"none"`` the backward pass recomputes each chunk. Memory
+beyond the inputs and gradients is one chunk of rows of each head. Rows that do not count are dropped
+before the products. Gradients reach the student's hidden states, weight and bias only: the teacher
+is a constant.
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ def _xlogy_sum(p: Tensor, log_p: Tensor, log_r: Tensor) -> Tensor:
     return torch.where(p > 0, p * (log_p - log_r), torch.zeros_like(p)).sum(-1)
 
 
+def _log_mixture(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    """``log m = log(beta p + (1 - beta) q)`` elementwise, for ``0 < beta < 1`` (``-inf`` where both are 0)."""
+    return torch.logaddexp(log_p + math.log(beta), log_q + math.log(1.0 - beta))
+
+
 def tempered_log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """``(log q, log p)``: ``log_softmax`` of the student's and the teacher's ``(n, V)`` logits over
     ``temperature``, in the accumulation dtype."""
@@ -96,7 +103,7 @@ def divergence_rows(
     elif divergence == "jsd" and beta == 1.0 or divergence == "reverse_kl":
         soft = _xlogy_sum(q, log_q, log_p)
     elif divergence == "jsd":
-        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1.0 - beta)]), dim=0)
+        log_m = _log_mixture(log_p, log_q, beta)
         soft = beta * _xlogy_sum(p, log_p, log_m) + (1.0 - beta) * _xlogy_sum(q, log_q, log_m)
     else:  # cross_entropy
         soft = -torch.where(p > 0, p * log_q, torch.zeros_like(p)).sum(-1)
@@ -117,22 +124,30 @@ def divergence_gradient(
     hard_weight: float,
     log_probs: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """``d(row loss)/d(student logits)`` ``(n, V)`` of :func:`divergence_rows`, written out, for every
-    divergence but ``"jsd"`` (in the accumulation dtype; the arguments as there, except that
-    ``log_probs`` is overwritten)::
+    """``d(row loss)/d(student logits)`` ``(n, V)`` of :func:`divergence_rows`, written out (in the
+    accumulation dtype; the arguments as there, except that ``log_probs`` is overwritten)::
 
         forward_kl, cross_entropy   (q - p) / T
-        reverse_kl                  q * (log q - log p - KL(q || p)) / T   (0 where q = 0)
+        reverse_kl                  q * (log q - log p - KL(q || p)) / T               (0 where q = 0)
+        jsd, 0 < beta < 1           (1 - beta) q * (log q - log m - KL(q || m)) / T    (0 where q = 0)
         hard term                   softmax(s) - onehot(target)
+
+    (The JSD's teacher half depends on q only through m, and ``d/dq`` of both halves adds up to
+    ``(1 - beta) log(q / m)``; the softmax's Jacobian gives the rest. ``"jsd"`` at ``beta`` 0 or 1 is
+    the forward or the reverse KL.)
     """
     dtype = accumulation_dtype(student_logits.dtype)
     log_q, log_p = log_probs or tempered_log_probs(student_logits, teacher_logits, temperature)
-    if divergence == "reverse_kl":
+    mixture = divergence == "jsd" and 0.0 < beta < 1.0
+    if divergence == "reverse_kl" or divergence == "jsd" and beta == 1.0 or mixture:
         q = log_q.exp()
-        log_ratio = torch.where(q > 0, log_q - log_p, torch.zeros_like(q))
+        log_r = _log_mixture(log_p, log_q, beta) if mixture else log_p
+        log_ratio = torch.where(q > 0, log_q - log_r, torch.zeros_like(q))
         kl = (q * log_ratio).sum(-1, keepdim=True)
         grad = log_ratio.sub_(kl).mul_(q)
-    else:  # forward_kl, cross_entropy
+        if mixture:
+            grad.mul_(1.0 - beta)
+    else:  # forward_kl, cross_entropy, jsd at beta = 0
         grad = log_q.exp().sub_(log_p.exp_())
     grad.mul_((1.0 - hard_weight) / temperature)
     if hard_weight:
@@ -154,31 +169,62 @@ def chunk_loss_and_gradient(
     gradient: bool,
     first_row: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`divergence_rows` and, with ``gradient``, :func:`divergence_gradient` of one chunk in a few
-    passes over it, for every divergence but ``"jsd"`` (and not for ``hard_weight > 0`` at ``T != 1``):
-    ``(n,)`` losses and the ``(n, V)`` gradient (or None), in the accumulation dtype.
+    """:func:`divergence_rows` and, with ``gradient``, :func:`divergence_gradient` of one chunk: ``(n,)``
+    losses and the ``(n, V)`` gradient w.r.t. the student's logits (or None), in the accumulation dtype.
+    A non-finite row loss is a ValueError naming the head (``first_row``: the chunk's first counted row).
 
-    Both chunks are the caller's own products and are overwritten (the gradient is the student's chunk
-    itself when it is in the accumulation dtype). On the CPU the rows go through in cache-sized blocks
-    (:func:`~tokenloss.ops.rowwise.cache_blocks`); :func:`block_loss_and_gradient` gives the math.
+    Both chunks are the caller's own products and may be overwritten (the gradient may be the student's
+    chunk itself). On the CPU the rows go through in cache-sized blocks
+    (:func:`~tokenloss.ops.rowwise.cache_blocks`), each by :func:`block_loss_and_gradient` (a few passes)
+    where it covers the configuration, else by the formulas.
     """
-    if divergence == "jsd" or (hard_weight and temperature != 1.0):
-        raise ValueError("chunk_loss_and_gradient: use divergence_rows / divergence_gradient for this case")
     n_rows, vocab = student_logits.shape
+    block_math = block_loss_and_gradient if few_passes(divergence, temperature, hard_weight) else _formula_block
     dtype = accumulation_dtype(student_logits.dtype)
     losses = torch.empty(n_rows, dtype=dtype, device=student_logits.device)
     grad = None
     if gradient:
         grad = student_logits if student_logits.dtype == dtype else torch.empty_like(student_logits, dtype=dtype)
     for rows in cache_blocks(n_rows, vocab, student_logits.device):
-        losses[rows], block_grad = block_loss_and_gradient(
+        losses[rows], block_grad = block_math(
             student_logits[rows], teacher_logits[rows], None if targets is None else targets[rows],
-            temperature=temperature, divergence=divergence, hard_weight=hard_weight, gradient=gradient,
+            temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight, gradient=gradient,
             first_row=first_row + (rows.start or 0),
         )  # fmt: skip
         if grad is not None and block_grad.data_ptr() != grad[rows].data_ptr():
             grad[rows] = block_grad
     return losses, grad
+
+
+def few_passes(divergence: str, temperature: float, hard_weight: float) -> bool:
+    """Whether :func:`block_loss_and_gradient` (and the Triton kernels) cover this configuration: every
+    divergence but ``"jsd"``, and a hard term only at ``temperature`` 1."""
+    return divergence != "jsd" and not (hard_weight and temperature != 1.0)
+
+
+def _formula_block(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor | None,
+    *,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    hard_weight: float,
+    gradient: bool,
+    first_row: int,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`divergence_rows` and :func:`divergence_gradient` of one block, sharing its log-probabilities."""
+    config = {"temperature": temperature, "divergence": divergence, "beta": beta, "hard_weight": hard_weight}
+    heads = (student_logits, teacher_logits)
+    lse = [torch.logsumexp(logits.to(accumulation_dtype(logits.dtype)), dim=-1) for logits in heads]
+    raise_non_finite(*lse, None, first_row)
+    log_probs = tempered_log_probs(student_logits, teacher_logits, temperature)
+    losses = divergence_rows(student_logits, teacher_logits, targets, **config, log_probs=log_probs)
+    raise_non_finite(*lse, losses, first_row)
+    if not gradient:
+        return losses, None
+    return losses, divergence_gradient(student_logits, teacher_logits, targets, **config, log_probs=log_probs)
 
 
 def block_loss_and_gradient(
@@ -188,11 +234,13 @@ def block_loss_and_gradient(
     *,
     temperature: float,
     divergence: str,
+    beta: float,
     hard_weight: float,
     gradient: bool,
     first_row: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
-    """The math of :func:`chunk_loss_and_gradient` on one block of rows.
+    """The math of :func:`chunk_loss_and_gradient` on one block of rows, in a few passes over it, where
+    :func:`few_passes` (``beta`` is not used).
 
     Both chunks are the caller's own products and are overwritten. With ``z = logits / T`` and the rows'
     log-sum-exps ``a = lse(s)``, ``b = lse(t)``, and ``d = t - s``: ``log p - log q = d + a - b``, so
@@ -284,23 +332,14 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.nn.functional.linear(hidden, weight, bias)
 
 
-def _check_finite(student: Tensor, teacher: Tensor, first_row: int) -> None:
-    lse = (torch.logsumexp(logits.float(), dim=-1) for logits in (student, teacher))
-    raise_non_finite(*lse, None, first_row)
-
-
-def _chunk_math(triton: bool):
-    """:func:`chunk_loss_and_gradient`, or its Triton kernels' version."""
-    if not triton:
+def _chunk_math(triton: bool, config: dict):
+    """:func:`chunk_loss_and_gradient`, or its Triton kernels' version where they cover ``config`` (every
+    divergence; a hard term at temperature 1 only)."""
+    if not triton or (config["hard_weight"] and config["temperature"] != 1.0):
         return chunk_loss_and_gradient
     from tokenloss.ops.triton.distillation import chunk_loss_and_gradient as kernels
 
     return kernels
-
-
-def _few_passes(config: dict) -> bool:
-    """Whether :func:`chunk_loss_and_gradient` covers this configuration."""
-    return config["divergence"] != "jsd" and not (config["hard_weight"] and config["temperature"] != 1.0)
 
 
 class _GradientSinks:
@@ -339,7 +378,7 @@ class _GradientSinks:
 class _FusedDistillation(torch.autograd.Function):
     """Student rows ``(M, D)``, head, bias; teacher rows, head, bias (constants) -> the per-row losses
     ``(M,)``, or, with ``reduce_scale``, their sum times it (0-dim) with the gradients computed in the
-    forward pass (one pass over both heads instead of two; not for ``"jsd"``)."""
+    forward pass (one pass over both heads instead of two)."""
 
     @staticmethod
     def forward(
@@ -349,23 +388,16 @@ class _FusedDistillation(torch.autograd.Function):
         rows = hidden.shape[0]
         losses = torch.empty(rows, dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
         sinks = _GradientSinks(hidden, weight, bias, needs) if reduce_scale is not None else None
+        chunk_math = _chunk_math(triton, config)
         with torch.no_grad():
             for start in range(0, rows, chunk):
                 part = slice(start, start + chunk)
                 student = _logits(hidden[part], weight, bias)
                 teacher = _logits(teacher_hidden[part], teacher_weight, teacher_bias)
                 part_targets = targets[part] if targets is not None else None
-                if _few_passes(config):
-                    losses[part], grad = _chunk_math(triton)(
-                        student, teacher, part_targets, **config, gradient=sinks is not None, first_row=start
-                    )
-                else:
-                    _check_finite(student, teacher, start)
-                    log_probs = tempered_log_probs(student, teacher, config["temperature"])  # shared by both
-                    losses[part] = divergence_rows(student, teacher, part_targets, **config, log_probs=log_probs)
-                    grad = None
-                    if sinks is not None:
-                        grad = divergence_gradient(student, teacher, part_targets, **config, log_probs=log_probs)
+                losses[part], grad = chunk_math(
+                    student, teacher, part_targets, **config, gradient=sinks is not None, first_row=start
+                )
                 if sinks is not None:
                     sinks.add(part, grad, hidden[part], weight, reduce_scale)
         ctx.chunk, ctx.config, ctx.sinks, ctx.triton = chunk, config, sinks, triton
@@ -388,26 +420,16 @@ class _FusedDistillation(torch.autograd.Function):
             sinks, ctx.sinks = ctx.sinks, "used"
             return (*sinks.gradients(grad_output.reshape(())), *([None] * 9))
         hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        sinks = _GradientSinks(hidden, weight, bias, needs)
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            part = slice(start, start + ctx.chunk)
-            part_targets = targets[part] if targets is not None else None
-            with torch.no_grad():
+        sinks = _GradientSinks(hidden, weight, bias, ctx.needs_input_grad[:3])
+        chunk_math = _chunk_math(ctx.triton, ctx.config)
+        with torch.no_grad():  # the gradient written out: no autograd graph of (n, V) tensors
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                part = slice(start, start + ctx.chunk)
+                student = _logits(hidden[part], weight, bias)
                 teacher = _logits(teacher_hidden[part], teacher_weight, teacher_bias)
-                if ctx.config["divergence"] != "jsd":  # the gradient written out: no autograd graph of (n, V) tensors
-                    student = _logits(hidden[part], weight, bias)
-                    if _few_passes(ctx.config):
-                        _, grad = _chunk_math(ctx.triton)(student, teacher, part_targets, **ctx.config, gradient=True)
-                    else:
-                        grad = divergence_gradient(student, teacher, part_targets, **ctx.config)
-                    sinks.add(part, grad, hidden[part], weight, grad_output[part])
-                    continue
-            with torch.enable_grad():  # jsd: autograd on the chunk's logits
-                logits = _logits(hidden[part], weight, bias).detach().requires_grad_()
-                losses = divergence_rows(logits, teacher, part_targets, **ctx.config)
-                (grad,) = torch.autograd.grad(losses, logits, grad_outputs=grad_output[part].to(losses.dtype))
-            sinks.add(part, grad.to(accumulation_dtype(logits.dtype)), hidden[part], weight)
+                part_targets = targets[part] if targets is not None else None
+                _, grad = chunk_math(student, teacher, part_targets, **ctx.config, gradient=True, first_row=start)
+                sinks.add(part, grad, hidden[part], weight, grad_output[part])
         return (*sinks.gradients(), *([None] * 9))
 
 
@@ -459,9 +481,8 @@ def linear_distillation_loss(
             shaped like the leading shape, less the shift).
         chunk_size: rows per chunk (default: 32 MiB of float32 logits per head).
         impl: ``"auto"`` (Triton for CUDA tensors when it is installed), ``"torch"`` or ``"triton"``: the
-            per-chunk math of the forward/reverse KL and the cross-entropy in two kernels
-            (:mod:`tokenloss.ops.triton.distillation`); the products, ``"jsd"`` and a hard term at
-            ``temperature != 1`` stay torch's.
+            per-chunk math in two kernels (:mod:`tokenloss.ops.triton.distillation`); the products,
+            and a hard term at ``temperature != 1``, stay torch's.
 
     Returns:
         A float32 tensor (float64 for float64 inputs): 0-dim for ``"mean"``/``"sum"``.
@@ -508,6 +529,8 @@ def linear_distillation_loss(
         "beta": _check_unit_interval("beta", beta),
         "hard_weight": _check_unit_interval("hard_weight", hard_weight),
     }
+    if divergence == "jsd" and config["beta"] in (0.0, 1.0):  # TRL's special cases, on the fewer-pass math
+        config["divergence"] = "forward_kl" if config["beta"] == 0.0 else "reverse_kl"
     if config["hard_weight"] > 0 and targets is None:
         raise ValueError("hard_weight > 0 mixes in the cross-entropy on targets: pass targets")
     options = LossOptions(ignore_index=ignore_index, shift=shift, reduction=reduction, chunk_size=chunk_size)
@@ -527,7 +550,7 @@ def linear_distillation_loss(
     chunk = chunk_size or max(1, CHUNK_BYTES // (4 * vocab))
     needs = gradients_needed(hidden, student_weight, student_bias)
     reduce_scale = None
-    if options.reduction != "none" and divergence != "jsd" and any(needs):
+    if options.reduction != "none" and any(needs):
         one = torch.ones((), dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
         reduce_scale = one / prepared.denominator.to(one.dtype) if options.reduction == "mean" else one
     with autocast_off(hidden.device):

@@ -24,6 +24,11 @@ CONFIGS = [
     dict(divergence="forward_kl", temperature=1.0, beta=0.5, hard_weight=0.4),
     dict(divergence="reverse_kl", temperature=1.0, beta=0.5, hard_weight=0.3),
     dict(divergence="cross_entropy", temperature=1.0, beta=0.5, hard_weight=1.0),
+    dict(divergence="jsd", temperature=1.0, beta=0.5, hard_weight=0.0),
+    dict(divergence="jsd", temperature=1.8, beta=0.1, hard_weight=0.0),
+    dict(divergence="jsd", temperature=1.0, beta=0.7, hard_weight=0.25),
+    dict(divergence="jsd", temperature=0.8, beta=0.0, hard_weight=0.0),
+    dict(divergence="jsd", temperature=1.0, beta=1.0, hard_weight=0.0),
 ]
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
 
@@ -60,8 +65,9 @@ def test_non_finite_rows_raise_as_the_torch_path(device) -> None:
         kernels.chunk_loss_and_gradient(student, teacher, None, **config, gradient=False)
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_fused_loss_with_the_kernels_equals_torch(device, reduction) -> None:
+def test_fused_loss_with_the_kernels_equals_torch(device, reduction, divergence) -> None:
     gen = torch.Generator().manual_seed(5)
     inputs = dict(
         student_hidden=torch.randn(2, 4, 8, generator=gen), student_weight=torch.randn(V, 8, generator=gen),
@@ -72,7 +78,8 @@ def test_fused_loss_with_the_kernels_equals_torch(device, reduction) -> None:
     for impl in ("torch", "triton"):
         leaves = {k: v.to(device).requires_grad_(k.startswith("student")) for k, v in inputs.items()}
         loss = tl.linear_distillation_loss(**leaves, targets=targets.to(device), hard_weight=0.2, shift=True,
-                                           reduction=reduction, chunk_size=3, impl=impl)  # fmt: skip
+                                           reduction=reduction, chunk_size=3, divergence=divergence,
+                                           impl=impl)  # fmt: skip
         loss.sum().backward()
         results.append((loss.detach().cpu(), leaves["student_hidden"].grad.cpu(), leaves["student_weight"].grad.cpu()))
     for got, want in zip(results[1], results[0]):

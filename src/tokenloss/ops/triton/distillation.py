@@ -9,13 +9,18 @@ passes over each chunk). Here, one program per row streams the row in ``BLOCK_V`
   grows: ``sum e^(t - m_t) (t - s)`` (forward KL), ``sum e^(s - m_s) (s - t)`` (reverse KL) or
   ``sum e^(t - m_t) s`` (cross-entropy), each 0 where its probability is 0. The row's loss follows
   from them, with the hard term (``a`` minus the target's ``s``) at ``T = 1``.
+  The JSD needs ``log m = log(beta p + (1 - beta) q)``, hence both normalisers: it reads the row a
+  second time for ``beta KL(p || m) + (1 - beta) KL(q || m)``.
 - :func:`_gradient_kernel`: ``(1 - w) * soft + w * (q - onehot)`` with ``soft = (q - p) / T`` (forward
-  KL, cross-entropy) or ``q (s - t + b - a - KL) / T`` (reverse KL), written once.
+  KL, cross-entropy), ``q (s - t + b - a - KL) / T`` (reverse KL) or
+  ``(1 - beta) q (log q - log m - KL(q || m)) / T`` (JSD), written once.
 
 The products stay torch's (cuBLAS). Accumulation in float32 (float64 for float64 logits).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -27,11 +32,21 @@ from tokenloss.ops.triton.common import block_v, check_device, on_device_of, tri
 
 MAX_BLOCK_V = 4096
 NUM_WARPS = 8
-_KINDS = {"forward_kl": 0, "reverse_kl": 1, "cross_entropy": 2}
+_KINDS = {"forward_kl": 0, "reverse_kl": 1, "cross_entropy": 2, "jsd": 3}
 
 
 def _block_v(vocab_size: int) -> int:
     return block_v(vocab_size, MAX_BLOCK_V)  # read at each launch: the tests lower MAX_BLOCK_V
+
+
+@triton.jit
+def _log_mixture(log_p, log_q, log_beta, log_1m_beta):
+    """``log(beta p + (1 - beta) q)`` of a tile, ``-inf`` where both are 0."""
+    x = log_p + log_beta
+    y = log_q + log_1m_beta
+    top = tl.maximum(x, y)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    return shift + tl.log(tl.exp(x - shift) + tl.exp(y - shift))
 
 
 @triton.jit
@@ -40,7 +55,7 @@ def _loss_kernel(
     teacher_ptr,  # (n, V) raw teacher logits, unit column stride
     targets_ptr,  # (n,) int64 (read with HARD)
     loss_ptr,  # (n,) ACC out
-    soft_ptr,  # (n,) ACC out: the divergence alone, without the hard term
+    soft_ptr,  # (n,) ACC out: the divergence alone, without the hard term (JSD: its KL(q || m) only)
     a_ptr,  # (n,) ACC out: log-sum-exp of s
     b_ptr,  # (n,) ACC out: log-sum-exp of t
     n_cols,
@@ -48,7 +63,10 @@ def _loss_kernel(
     stride_teacher,
     inv_temperature,
     hard_weight,
-    KIND: tl.constexpr,  # 0 forward KL, 1 reverse KL, 2 cross-entropy
+    beta,
+    log_beta,
+    log_1m_beta,
+    KIND: tl.constexpr,  # 0 forward KL, 1 reverse KL, 2 cross-entropy, 3 JSD (0 < beta < 1)
     HARD: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -85,7 +103,7 @@ def _loss_kernel(
         elif KIND == 1:
             term = e_s * tl.where(e_s > 0, s - t, 0.0)
             acc = acc * scale_s + tl.sum(term, axis=0)
-        else:
+        elif KIND == 2:
             term = e_t * tl.where(e_t > 0, s, 0.0)
             acc = acc * scale_t + tl.sum(term, axis=0)
         sum_s = sum_s * scale_s + tl.sum(e_s, axis=0)
@@ -96,9 +114,25 @@ def _loss_kernel(
         loss = acc / sum_t + a - b  # sum p (t - s) + a - b
     elif KIND == 1:
         loss = acc / sum_s + b - a  # sum q (s - t) + b - a
-    else:
+    elif KIND == 2:
         loss = a - acc / sum_t  # a - sum p s
-    tl.store(soft_ptr + row, loss)
+    if KIND == 3:  # log m needs both normalisers: a second read of the row
+        kl_p = tl.zeros((), ACC)
+        kl_q = tl.zeros((), ACC)
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + offsets
+            valid = cols < n_cols
+            log_q = tl.load(s_row + cols, mask=valid, other=float("-inf")).to(ACC) * inv_temperature - a
+            log_p = tl.load(t_row + cols, mask=valid, other=float("-inf")).to(ACC) * inv_temperature - b
+            log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
+            p = tl.exp(log_p)
+            q = tl.exp(log_q)
+            kl_p += tl.sum(p * tl.where(p > 0, log_p - log_m, 0.0), axis=0)
+            kl_q += tl.sum(q * tl.where(q > 0, log_q - log_m, 0.0), axis=0)
+        loss = beta * kl_p + (1.0 - beta) * kl_q
+        tl.store(soft_ptr + row, kl_q)
+    else:
+        tl.store(soft_ptr + row, loss)
     if HARD:
         target = tl.load(targets_ptr + row)
         target_s = tl.load(s_row + target).to(ACC)  # T = 1 whenever HARD
@@ -113,7 +147,7 @@ def _gradient_kernel(
     student_ptr,
     teacher_ptr,
     targets_ptr,
-    soft_ptr,  # (n,) ACC: the soft divergence of the row (reverse KL's KL)
+    soft_ptr,  # (n,) ACC: the soft divergence of the row (reverse KL's KL; the JSD's KL(q || m))
     a_ptr,
     b_ptr,
     grad_ptr,  # (n, V) ACC out
@@ -123,6 +157,9 @@ def _gradient_kernel(
     stride_grad,
     inv_temperature,
     hard_weight,
+    beta,
+    log_beta,
+    log_1m_beta,
     KIND: tl.constexpr,
     HARD: tl.constexpr,
     ACC: tl.constexpr,
@@ -147,6 +184,9 @@ def _gradient_kernel(
         q = tl.exp(s - a)
         if KIND == 1:
             soft = q * tl.where(q > 0, s - t + b - a - kl, 0.0)
+        elif KIND == 3:  # (1 - beta) q (log q - log m - KL(q || m))
+            log_m = _log_mixture(t - b, s - a, log_beta, log_1m_beta)
+            soft = (1.0 - beta) * q * tl.where(q > 0, s - a - log_m - kl, 0.0)
         else:
             soft = q - tl.exp(t - b)
         grad = (1.0 - hard_weight) * inv_temperature * soft
@@ -178,8 +218,13 @@ def chunk_loss_and_gradient(
     n_rows, n_cols = student.shape
     acc = accumulation_dtype(student.dtype)
     loss, soft, a, b = (torch.empty(n_rows, dtype=acc, device=student.device) for _ in range(4))
+    if divergence == "jsd" and beta in (0.0, 1.0):  # TRL's special cases
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
     hard = bool(hard_weight)
+    if hard and temperature != 1.0:
+        raise ValueError("the distillation kernels take a hard term at temperature 1 only")
     target_rows = targets if hard else loss  # an unread placeholder without the hard term
+    mixture = (float(beta), math.log(beta), math.log1p(-beta)) if divergence == "jsd" else (0.5, 0.0, 0.0)
     common = dict(KIND=_KINDS[divergence], HARD=hard, ACC=triton_dtype(acc), BLOCK_V=_block_v(n_cols),
                   num_warps=NUM_WARPS)  # fmt: skip
     if n_rows == 0:
@@ -187,7 +232,7 @@ def chunk_loss_and_gradient(
     with on_device_of(student):
         _loss_kernel[(n_rows,)](
             student, teacher, target_rows, loss, soft, a, b, n_cols, student.stride(0), teacher.stride(0),
-            1.0 / temperature, float(hard_weight), **common,
+            1.0 / temperature, float(hard_weight), *mixture, **common,
         )  # fmt: skip
     raise_non_finite(a, b, loss, first_row)
     if not gradient:
@@ -196,6 +241,6 @@ def chunk_loss_and_gradient(
     with on_device_of(student):
         _gradient_kernel[(n_rows,)](
             student, teacher, target_rows, soft, a, b, grad, n_cols, student.stride(0), teacher.stride(0),
-            grad.stride(0), 1.0 / temperature, float(hard_weight), **common,
+            grad.stride(0), 1.0 / temperature, float(hard_weight), *mixture, **common,
         )  # fmt: skip
     return loss, grad
