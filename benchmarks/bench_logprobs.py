@@ -16,7 +16,10 @@ own hidden states (``(N, D)``, the same D) and the student's, gradients for the 
 ``naive`` builds both ``(N, V)`` logits, ``log_softmax`` of each and the KL, then autograd;
 ``compiled`` is it under ``torch.compile``; ``floor`` the four products any exact method needs (the
 teacher's logits, the student's, grad_hidden, grad_weight); ``tokenloss`` is
-:func:`tokenloss.linear_distillation_loss` (its backward recomputes both chunks' logits: six products).
+:func:`tokenloss.linear_distillation_loss` (the mean's gradients computed in the forward pass: the
+same four products, chunk by chunk). ``--task jsd``: the same with the generalised Jensen-Shannon
+divergence at ``beta = 0.5`` (TRL's GKD default), ``naive`` written as TRL's ``generalized_jsd_loss``
+(``logsumexp`` of the stacked log-probabilities for the mixture, two ``kl_div``).
 
 Time: one process per shape runs the methods in interleaved rounds (order rotated each round);
 ``x floor`` is the median over rounds of a method's time over the floor's in the same round.
@@ -28,6 +31,7 @@ Run::
     .venv/bin/python benchmarks/bench_logprobs.py --quick                 # 1024x256x8000, a minute
     .venv/bin/python benchmarks/bench_logprobs.py                         # (4096, 512, 32000), (2048, 1024, 128256)
     .venv/bin/python benchmarks/bench_logprobs.py --task distillation --shapes 4096x512x32000
+    .venv/bin/python benchmarks/bench_logprobs.py --task jsd --shapes 4096x512x32000
 """
 
 from __future__ import annotations
@@ -65,8 +69,24 @@ def _naive_distillation(hidden, weight, teacher_hidden, teacher_weight):
     return (teacher.exp() * (teacher - student)).sum(-1).mean()
 
 
-def _distillation_step(method: str):
-    """``step(hidden, weight, teacher_hidden, teacher_weight)``: one forward and backward of the mean forward KL."""
+def _naive_jsd(hidden, weight, teacher_hidden, teacher_weight, beta=0.5):
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    student = torch.log_softmax(hidden @ weight.T, dim=-1)  # (N, V)
+    with torch.no_grad():
+        teacher = torch.log_softmax(teacher_hidden @ teacher_weight.T, dim=-1)
+    mixture = torch.logsumexp(torch.stack([student + math.log(1 - beta), teacher + math.log(beta)]), dim=0)
+    kl_teacher = F.kl_div(mixture, teacher, reduction="none", log_target=True)
+    kl_student = F.kl_div(mixture, student, reduction="none", log_target=True)
+    return (beta * kl_teacher + (1 - beta) * kl_student).sum() / hidden.shape[0]
+
+
+def _distillation_step(method: str, divergence: str = "forward_kl"):
+    """``step(hidden, weight, teacher_hidden, teacher_weight)``: one forward and backward of the mean
+    ``divergence`` (``"forward_kl"`` or ``"jsd"`` at beta 0.5)."""
     import torch
 
     if method == "floor":
@@ -83,12 +103,12 @@ def _distillation_step(method: str):
         import tokenloss as tl
 
         def fn(hidden, weight, teacher_hidden, teacher_weight):
-            return tl.linear_distillation_loss(hidden, weight, teacher_hidden, teacher_weight)
+            return tl.linear_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, divergence=divergence)
 
     elif method == "compiled":
-        fn = torch.compile(_naive_distillation)
+        fn = torch.compile(_naive_jsd if divergence == "jsd" else _naive_distillation)
     else:
-        fn = _naive_distillation
+        fn = _naive_jsd if divergence == "jsd" else _naive_distillation
 
     def step(hidden, weight, teacher_hidden, teacher_weight):
         fn(hidden, weight, teacher_hidden, teacher_weight).backward()
@@ -101,8 +121,8 @@ def _step(method: str, task: str = "logprobs"):
     (``task="distillation"``: see :func:`_distillation_step`)."""
     import torch
 
-    if task == "distillation":
-        return _distillation_step(method)
+    if task in ("distillation", "jsd"):
+        return _distillation_step(method, "jsd" if task == "jsd" else "forward_kl")
 
     if method == "floor":
 
@@ -137,7 +157,7 @@ def _inputs(n: int, d: int, v: int, task: str = "logprobs"):
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, d, generator=gen).requires_grad_()
     weight = (torch.randn(v, d, generator=gen) * d**-0.5).requires_grad_()
-    if task == "distillation":  # a frozen teacher: its hidden states and head need no gradient
+    if task in ("distillation", "jsd"):  # a frozen teacher: its hidden states and head need no gradient
         return hidden, weight, torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen) * d**-0.5
     tokens = torch.randint(0, v, (n,), generator=gen)
     g, h = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 0.01
@@ -185,7 +205,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SHAPES[0]}, 3 rounds")
-    parser.add_argument("--task", choices=("logprobs", "distillation"), default="logprobs")
+    parser.add_argument("--task", choices=("logprobs", "distillation", "jsd"), default="logprobs")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -179,7 +179,8 @@ def chunk_loss_and_gradient(
     where it covers the configuration, else by the formulas.
     """
     n_rows, vocab = student_logits.shape
-    block_math = block_loss_and_gradient if few_passes(divergence, temperature, hard_weight) else _formula_block
+    divergence = resolved_divergence(divergence, beta)
+    block_math = block_loss_and_gradient if few_passes(temperature, hard_weight) else _formula_block
     dtype = accumulation_dtype(student_logits.dtype)
     losses = torch.empty(n_rows, dtype=dtype, device=student_logits.device)
     grad = None
@@ -196,10 +197,17 @@ def chunk_loss_and_gradient(
     return losses, grad
 
 
-def few_passes(divergence: str, temperature: float, hard_weight: float) -> bool:
+def few_passes(temperature: float, hard_weight: float) -> bool:
     """Whether :func:`block_loss_and_gradient` (and the Triton kernels) cover this configuration: every
-    divergence but ``"jsd"``, and a hard term only at ``temperature`` 1."""
-    return divergence != "jsd" and not (hard_weight and temperature != 1.0)
+    divergence, with a hard term only at ``temperature`` 1."""
+    return not (hard_weight and temperature != 1.0)
+
+
+def resolved_divergence(divergence: str, beta: float) -> str:
+    """``divergence``, with TRL's special cases: ``"jsd"`` at ``beta`` 0 is the forward KL, at 1 the reverse."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        return "forward_kl" if beta == 0.0 else "reverse_kl"
+    return divergence
 
 
 def _formula_block(
@@ -240,7 +248,7 @@ def block_loss_and_gradient(
     first_row: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
     """The math of :func:`chunk_loss_and_gradient` on one block of rows, in a few passes over it, where
-    :func:`few_passes` (``beta`` is not used).
+    :func:`few_passes` (``"jsd"`` with ``0 < beta < 1``).
 
     Both chunks are the caller's own products and are overwritten. With ``z = logits / T`` and the rows'
     log-sum-exps ``a = lse(s)``, ``b = lse(t)``, and ``d = t - s``: ``log p - log q = d + a - b``, so
@@ -248,6 +256,8 @@ def block_loss_and_gradient(
         forward_kl     sum p d + a - b                    gradient (q - p) / T
         reverse_kl     -sum q d + b - a                   gradient q (-d + b - a - KL) / T
         cross_entropy  a - sum p s                        gradient (q - p) / T
+        jsd            beta KL(p || m) + (1 - beta) KL(q || m), with log m = log(beta p + (1 - beta) q)
+                       gradient (1 - beta) q (log q - log m - KL(q || m)) / T
 
     ``p d`` and ``q d`` are 0 where the probability is 0 (a ``-inf`` logit), not ``0 * inf = NaN``.
     A non-finite row loss is a ValueError naming the head (``first_row``: the chunk's first counted row).
@@ -272,13 +282,28 @@ def block_loss_and_gradient(
         # d = t - s, and 0 where p = 0 (t = -inf: d is -inf, or NaN when s is -inf too); +inf (s = -inf where
         # p > 0) stays: an infinite forward KL
         d = t.sub_(s).nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0)
+    elif divergence == "reverse_kl":
+        d = t.sub_(s)  # zeroed where q = 0 below
+    if divergence == "jsd":  # log p and log q, kept for log m
+        log_p = t.sub_(b.unsqueeze(1))
+        log_q = s.sub_(student_max.unsqueeze(1))
+        q = torch.exp(log_q)
     else:
-        d = t.sub_(s)  # reverse KL: zeroed where q = 0 below
-    q = s.sub_(student_max.unsqueeze(1)).exp_()
+        q = s.sub_(student_max.unsqueeze(1)).exp_()
     student_sum = q.sum(dim=-1)
     a = student_max + student_sum.log()
     q.mul_(student_sum.reciprocal().unsqueeze(1))
     raise_non_finite(a, b, None, first_row)
+    if divergence == "jsd":
+        log_q.sub_(student_sum.log().unsqueeze(1))
+        log_m = torch.mul(p, beta).add_(q, alpha=1.0 - beta).log_()
+        # beta p + (1 - beta) q underflows where p or q is subnormal: log m is at least either term's log
+        torch.maximum(log_m, log_p + math.log(beta), out=log_m)
+        torch.maximum(log_m, log_q + math.log1p(-beta), out=log_m)
+        teacher_ratio = log_p.sub_(log_m).masked_fill_(p == 0, 0.0)  # log(p / m), 0 where p = 0
+        student_ratio = log_q.sub_(log_m).masked_fill_(q == 0, 0.0)
+        kl_student = torch.linalg.vecdot(q, student_ratio)  # KL(q || m)
+        loss = beta * torch.linalg.vecdot(p, teacher_ratio) + (1.0 - beta) * kl_student
     if hard is not None:
         hard += a
     if divergence == "cross_entropy":
@@ -291,8 +316,11 @@ def block_loss_and_gradient(
     grad = None
     if gradient:  # (1 - w) * soft + w * (q - onehot), with T = 1 whenever w > 0
         w = hard_weight
-        if divergence == "reverse_kl":  # q (log q - log p - KL) / T, KL = loss
-            grad = d.neg_().add_((b - a - loss).unsqueeze(1)).mul_(q).mul_((1.0 - w) / temperature)
+        if divergence in ("reverse_kl", "jsd"):  # q (log q - log p - KL) / T, KL = loss; JSD: see below
+            if divergence == "jsd":  # (1 - beta) q (log q - log m - KL(q || m)) / T
+                grad = student_ratio.sub_(kl_student.unsqueeze(1)).mul_(q).mul_((1.0 - beta) * (1.0 - w) / temperature)
+            else:
+                grad = d.neg_().add_((b - a - loss).unsqueeze(1)).mul_(q).mul_((1.0 - w) / temperature)
             if w:
                 grad.add_(q, alpha=w)
         else:  # (q - p) / T; with w: q - (1 - w) p
@@ -335,7 +363,7 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def _chunk_math(triton: bool, config: dict):
     """:func:`chunk_loss_and_gradient`, or its Triton kernels' version where they cover ``config`` (every
     divergence; a hard term at temperature 1 only)."""
-    if not triton or (config["hard_weight"] and config["temperature"] != 1.0):
+    if not triton or not few_passes(config["temperature"], config["hard_weight"]):
         return chunk_loss_and_gradient
     from tokenloss.ops.triton.distillation import chunk_loss_and_gradient as kernels
 
@@ -529,8 +557,6 @@ def linear_distillation_loss(
         "beta": _check_unit_interval("beta", beta),
         "hard_weight": _check_unit_interval("hard_weight", hard_weight),
     }
-    if divergence == "jsd" and config["beta"] in (0.0, 1.0):  # TRL's special cases, on the fewer-pass math
-        config["divergence"] = "forward_kl" if config["beta"] == 0.0 else "reverse_kl"
     if config["hard_weight"] > 0 and targets is None:
         raise ValueError("hard_weight > 0 mixes in the cross-entropy on targets: pass targets")
     options = LossOptions(ignore_index=ignore_index, shift=shift, reduction=reduction, chunk_size=chunk_size)

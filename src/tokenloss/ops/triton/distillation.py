@@ -210,7 +210,7 @@ def chunk_loss_and_gradient(
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`tokenloss.distillation.chunk_loss_and_gradient` by the kernels: the same arguments, results
     and errors (the chunks are read, not overwritten)."""
-    from tokenloss.distillation import raise_non_finite
+    from tokenloss.distillation import raise_non_finite, resolved_divergence
 
     check_device(_loss_kernel, student_logits, teacher_logits)
     student = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()
@@ -218,8 +218,7 @@ def chunk_loss_and_gradient(
     n_rows, n_cols = student.shape
     acc = accumulation_dtype(student.dtype)
     loss, soft, a, b = (torch.empty(n_rows, dtype=acc, device=student.device) for _ in range(4))
-    if divergence == "jsd" and beta in (0.0, 1.0):  # TRL's special cases
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    divergence = resolved_divergence(divergence, beta)
     hard = bool(hard_weight)
     if hard and temperature != 1.0:
         raise ValueError("the distillation kernels take a hard term at temperature 1 only")
