@@ -98,9 +98,10 @@ def divergence_rows(
     s = student_logits.to(accumulation_dtype(student_logits.dtype))
     log_q, log_p = log_probs or tempered_log_probs(student_logits, teacher_logits, temperature)
     p, q = log_p.exp(), log_q.exp()
-    if divergence == "jsd" and beta == 0.0 or divergence == "forward_kl":
+    divergence = resolved_divergence(divergence, beta)
+    if divergence == "forward_kl":
         soft = _xlogy_sum(p, log_p, log_q)
-    elif divergence == "jsd" and beta == 1.0 or divergence == "reverse_kl":
+    elif divergence == "reverse_kl":
         soft = _xlogy_sum(q, log_q, log_p)
     elif divergence == "jsd":
         log_m = _log_mixture(log_p, log_q, beta)
@@ -138,16 +139,16 @@ def divergence_gradient(
     """
     dtype = accumulation_dtype(student_logits.dtype)
     log_q, log_p = log_probs or tempered_log_probs(student_logits, teacher_logits, temperature)
-    mixture = divergence == "jsd" and 0.0 < beta < 1.0
-    if divergence == "reverse_kl" or divergence == "jsd" and beta == 1.0 or mixture:
+    divergence = resolved_divergence(divergence, beta)
+    if divergence in ("reverse_kl", "jsd"):
         q = log_q.exp()
-        log_r = _log_mixture(log_p, log_q, beta) if mixture else log_p
+        log_r = _log_mixture(log_p, log_q, beta) if divergence == "jsd" else log_p
         log_ratio = torch.where(q > 0, log_q - log_r, torch.zeros_like(q))
         kl = (q * log_ratio).sum(-1, keepdim=True)
         grad = log_ratio.sub_(kl).mul_(q)
-        if mixture:
+        if divergence == "jsd":
             grad.mul_(1.0 - beta)
-    else:  # forward_kl, cross_entropy, jsd at beta = 0
+    else:  # forward_kl, cross_entropy
         grad = log_q.exp().sub_(log_p.exp_())
     grad.mul_((1.0 - hard_weight) / temperature)
     if hard_weight:
