@@ -79,6 +79,47 @@ def make_targets() -> Callable[..., torch.Tensor]:
     return make
 
 
+_PEAK_TEMPLATE = """
+import gc, torch, tokenloss as tl
+torch.set_num_threads(1)
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+{setup}
+gc.collect()
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
+{step}
+print(status("VmHWM") - before)
+"""
+
+
+@pytest.fixture
+def peak_rss_growth() -> Callable[..., int]:
+    """``peak_rss_growth(setup, step, env=None) -> bytes``: the peak RSS growth of running the Python
+    statements ``step`` after ``setup`` in a fresh one-thread process (``torch``, ``tokenloss as tl``
+    imported), read from Linux's /proc (the test is skipped elsewhere)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc to read peak RSS")
+
+    def measure(setup: str, step: str, env: dict[str, str] | None = None) -> int:
+        script = _PEAK_TEMPLATE.format(setup=textwrap.dedent(setup), step=textwrap.dedent(step))
+        environment = {**os.environ, **(env or {})}
+        command = [sys.executable, "-c", script]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout.split()[-1])
+
+    return measure
+
+
 @pytest.fixture
 def generator() -> torch.Generator:
     """A CPU generator seeded with 1234, for tests that draw their own tensors."""

@@ -323,3 +323,21 @@ def test_an_upstream_gradient_scales_the_gradients_computed_in_the_forward_pass(
         grads.append((inputs["student_hidden"].grad, inputs["student_weight"].grad))
     for plain, scaled in zip(*grads):
         assert_close(scaled, 2.5 * plain)
+
+
+@pytest.mark.parametrize("onednn", ["1", "0"], ids=["onednn", "mkl-mm"])
+def test_holds_one_chunk_of_each_heads_logits(onednn, peak_rss_growth):
+    """Peak RSS growth of a fused step with N x V = 512 MiB of float32 logits per head stays below the two
+    heads' chunks (one of each) plus the gradients: each chunk's logits are dropped before the next's."""
+    chunk = 256
+    setup = """
+        n, d, v = 4096, 16, 32768
+        hidden = torch.randn(n, d).requires_grad_()
+        weight = (torch.randn(v, d) * 0.25).requires_grad_()
+        teacher_hidden, teacher_weight = torch.randn(n, d), torch.randn(v, d) * 0.25
+    """
+    step = f"tl.linear_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, chunk_size={chunk}).backward()"
+    growth = peak_rss_growth(setup, step, env={"TOKENLOSS_ONEDNN": onednn})
+    chunk_buffer = chunk * 32768 * 4  # 32 MiB per head
+    grads = (4096 * 16 + 32768 * 16) * 4
+    assert growth < 2 * chunk_buffer + grads + (24 << 20), f"peak grew by {growth / 2**20:.0f} MiB"
