@@ -110,9 +110,9 @@ def test_fused_rows_that_do_not_count_never_reach_a_product(monkeypatch):
     from tokenloss import logprobs
 
     seen = []
-    original = logprobs._chunk_logits
+    original = logprobs.chunk_logits
     monkeypatch.setattr(
-        logprobs, "_chunk_logits", lambda h, w, b, buffer: seen.append(h.shape[0]) or original(h, w, b, buffer)
+        logprobs, "chunk_logits", lambda h, w, b, buffer: seen.append(h.shape[0]) or original(h, w, b, buffer)
     )
     tokens = torch.randint(0, 11, (100,))
     mask = torch.arange(100) >= 70  # a prompt of 70 tokens

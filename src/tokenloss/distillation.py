@@ -35,7 +35,7 @@ from torch import Tensor
 from tokenloss.ops import resolve_impl
 from tokenloss.ops.autocast import autocast_inputs, autocast_off, backward_without_autocast
 from tokenloss.ops.compiling import eager_under_compile
-from tokenloss.ops.linear_cross_entropy import _chunk_logits, _logits_buffer, counted_row_index, gradients_needed
+from tokenloss.ops.linear_cross_entropy import chunk_logits, counted_row_index, gradients_needed, logits_buffer
 from tokenloss.ops.rowwise import accumulation_dtype, cache_blocks, refuse_double_backward
 from tokenloss.options import LossOptions, check_linear_inputs, prepare_targets
 
@@ -379,12 +379,12 @@ class _ChunkBuffers:
     def __init__(self, hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor, chunk: int):
         self.hidden, self.weight = hidden, weight
         self.teacher_hidden, self.teacher_weight = teacher_hidden, teacher_weight
-        self.student_buffer = _logits_buffer(hidden, weight, chunk)
-        self.teacher_buffer = _logits_buffer(teacher_hidden, teacher_weight, chunk)
+        self.student_buffer = logits_buffer(hidden, weight, chunk)
+        self.teacher_buffer = logits_buffer(teacher_hidden, teacher_weight, chunk)
 
     def logits(self, part: slice, bias: Tensor | None, teacher_bias: Tensor | None) -> tuple[Tensor, Tensor]:
-        student = _chunk_logits(self.hidden[part], self.weight, bias, self.student_buffer)
-        teacher = _chunk_logits(self.teacher_hidden[part], self.teacher_weight, teacher_bias, self.teacher_buffer)
+        student = chunk_logits(self.hidden[part], self.weight, bias, self.student_buffer)
+        teacher = chunk_logits(self.teacher_hidden[part], self.teacher_weight, teacher_bias, self.teacher_buffer)
         return student, teacher
 
 

@@ -30,11 +30,11 @@ from tokenloss.ops.autocast import autocast_inputs, autocast_off, backward_witho
 from tokenloss.ops.compiling import eager_under_compile
 from tokenloss.ops.cross_entropy import plain_chunk_rows
 from tokenloss.ops.linear_cross_entropy import (
-    _chunk_logits,
-    _GradientSink,
-    _logits_buffer,
+    GradientSink,
+    chunk_logits,
     counted_row_index,
     fused_chunk_rows,
+    logits_buffer,
 )
 from tokenloss.ops.rowwise import (
     accumulation_dtype,
@@ -230,10 +230,10 @@ class _LinearTokenLogprobsFunction(torch.autograd.Function):
         n_rows = hidden.shape[0]
         shift, log_sum, logp = (torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(3))
         ent = torch.zeros(n_rows, dtype=acc, device=hidden.device)
-        buffer = _logits_buffer(hidden, weight, chunk_rows)  # the fused loss's (n, V) buffer, or None for oneDNN
+        buffer = logits_buffer(hidden, weight, chunk_rows)  # the fused loss's (n, V) buffer, or None for oneDNN
         for start in range(0, n_rows, chunk_rows):
             rows = slice(start, start + chunk_rows)
-            raw = _chunk_logits(hidden[rows], weight, bias, buffer)  # (n, V): one chunk, our own
+            raw = chunk_logits(hidden[rows], weight, bias, buffer)  # (n, V): one chunk, our own
             top = None if predicted is None else predicted[rows]
             shift[rows], log_sum[rows], logp[rows], chunk_ent = _rows_statistics(
                 raw, targets[rows], temperature, want_entropy, top, triton=triton, own=True
@@ -256,13 +256,13 @@ class _LinearTokenLogprobsFunction(torch.autograd.Function):
         hidden, weight, bias, targets, shift, log_sum, ent = ctx.saved_tensors
         acc = shift.dtype
         g_logp, g_ent = g_logp.to(acc), g_ent.to(acc)
-        sink = _GradientSink(hidden, weight, bias, tuple(ctx.needs_input_grad[:3]))
-        buffer = _logits_buffer(hidden, weight, ctx.chunk_rows)
+        sink = GradientSink(hidden, weight, bias, tuple(ctx.needs_input_grad[:3]))
+        buffer = logits_buffer(hidden, weight, ctx.chunk_rows)
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             h = hidden[rows]
             grad = _rows_gradient(
-                _chunk_logits(h, weight, bias, buffer), targets[rows], shift[rows], log_sum[rows], ent[rows],
+                chunk_logits(h, weight, bias, buffer), targets[rows], shift[rows], log_sum[rows], ent[rows],
                 g_logp[rows], g_ent[rows], ctx.temperature, triton=ctx.triton, own=True,
             )  # fmt: skip
             low = grad.to(hidden.dtype) if hidden.dtype != acc else None

@@ -100,15 +100,15 @@ def test_chunk_rule_rejects_bad_chunk_size(bad, entry):
 
 @pytest.fixture
 def gradient_sinks(monkeypatch) -> list:
-    """Every ``_GradientSink`` the fused loss creates during the test, in order."""
+    """Every ``GradientSink`` the fused loss creates during the test, in order."""
     sinks = []
-    original = lce._GradientSink.__init__
+    original = lce.GradientSink.__init__
 
     def spy(self, *args, **kwargs):
         original(self, *args, **kwargs)
         sinks.append(self)
 
-    monkeypatch.setattr(lce._GradientSink, "__init__", spy)
+    monkeypatch.setattr(lce.GradientSink, "__init__", spy)
     return sinks
 
 
@@ -179,7 +179,7 @@ def test_both_logits_products_equal_the_unfused_loss(monkeypatch, onednn, reduct
         pytest.skip("this torch build has no oneDNN linear")
     probe = torch.empty(1, 1)
     assert lce._uses_onednn(probe) == onednn
-    assert (lce._logits_buffer(probe, torch.empty(5, 1), 1) is None) == onednn
+    assert (lce.logits_buffer(probe, torch.empty(5, 1), 1) is None) == onednn
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(11, 8, generator=gen, requires_grad=True)
     weight = torch.randn(37, 8, generator=gen, requires_grad=True)
@@ -236,13 +236,13 @@ def test_second_backward_raises_clear_error():
 def test_rows_that_do_not_count_never_reach_a_product(monkeypatch):
     """Only counted rows are multiplied: an SFT batch with 70% prompt tokens does 30% of the products."""
     seen = []
-    original = lce._chunk_logits
+    original = lce.chunk_logits
 
     def spy(hidden, weight, bias, out):
         seen.append(hidden.shape[0])
         return original(hidden, weight, bias, out)
 
-    monkeypatch.setattr(lce, "_chunk_logits", spy)
+    monkeypatch.setattr(lce, "chunk_logits", spy)
     targets = torch.randint(0, 11, (100,))
     mask = torch.arange(100) >= 70  # 70 prompt tokens
     opts = LossOptions()

@@ -152,7 +152,7 @@ def _uses_onednn(hidden: Tensor) -> bool:
     )
 
 
-def _logits_buffer(hidden: Tensor, weight: Tensor, chunk_rows: int) -> Tensor | None:
+def logits_buffer(hidden: Tensor, weight: Tensor, chunk_rows: int) -> Tensor | None:
     """The ``(n, V)`` buffer every chunk's logits are written into, or None when each chunk gets a
     fresh tensor from oneDNN (which has no ``out=``; the loops drop each chunk before the next)."""
     if _uses_onednn(hidden):
@@ -160,7 +160,7 @@ def _logits_buffer(hidden: Tensor, weight: Tensor, chunk_rows: int) -> Tensor | 
     return hidden.new_empty(min(chunk_rows, hidden.shape[0]), weight.shape[0])
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, buffer: Tensor | None) -> Tensor:
+def chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, buffer: Tensor | None) -> Tensor:
     """``hidden @ weight.T + bias`` ``(n, V)`` in the input dtype, in ``buffer[:n]`` unless it is None."""
     if buffer is None:
         return _onednn_linear()(hidden, weight, bias, "none", [], "")
@@ -252,7 +252,7 @@ def _gradient_inplace(
     return grad, factor
 
 
-class _GradientSink:
+class GradientSink:
     """Where the gradients of one call go: ``(M, D)`` grad_hidden rows, and float32/float64
     accumulators for grad_weight ``(V, D)`` and grad_bias ``(V,)``, each only if needed.
 
@@ -318,7 +318,7 @@ def _fused_chunks(
     chunk_rows: int,
     *,
     row_scale: Tensor | None,
-    sink: _GradientSink | None,
+    sink: GradientSink | None,
     class_weights: ClassWeights | None = None,
     predicted: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -332,11 +332,11 @@ def _fused_chunks(
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
     outputs = [torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(6)]
-    buffer = _logits_buffer(hidden, weight, chunk_rows)  # (n, V): the one big tensor
+    buffer = logits_buffer(hidden, weight, chunk_rows)  # (n, V): the one big tensor
     for start in range(0, n_rows, chunk_rows):
         rows = slice(start, start + chunk_rows)
         h = hidden[rows]
-        logits = _chunk_logits(h, weight, bias, buffer)
+        logits = chunk_logits(h, weight, bias, buffer)
         class_weight = None if class_weights is None else class_weights.weight
         probs, stats, row_sum = _statistics_inplace(
             logits, targets[rows], options, class_weight, None if predicted is None else predicted[rows]
@@ -400,7 +400,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         row_scale = None
         if grad_now:
             row_scale = weights / denominator.to(acc) if options.reduction == "mean" else weights
-        sink = _GradientSink(hidden, weight, bias, needs) if grad_now else None
+        sink = GradientSink(hidden, weight, bias, needs) if grad_now else None
         predicted = None
         if side is not None and side.argmax:
             predicted = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
@@ -461,12 +461,12 @@ def _recompute_gradients(ctx, grad_rows: Tensor) -> tuple[Tensor | None, Tensor 
     options, chunk_rows = ctx.options, ctx.chunk_rows
     needs = tuple(ctx.needs_input_grad[:3])
     row_scale = grad_rows.to(weights.dtype) * weights
-    sink = _GradientSink(hidden, weight, bias, needs)
-    buffer = _logits_buffer(hidden, weight, chunk_rows)
+    sink = GradientSink(hidden, weight, bias, needs)
+    buffer = logits_buffer(hidden, weight, chunk_rows)
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
         h = hidden[rows]
-        logits = _chunk_logits(h, weight, bias, buffer)
+        logits = chunk_logits(h, weight, bias, buffer)
         z = capped(logits, options.softcap)  # the logits buffer itself for float32/float64 without a cap
         exp_shifted = z.sub_(shift[rows].unsqueeze(1)).exp_()  # softmax = exp_shifted / exp(log_sum)
         coefficients = (alpha[rows], beta[rows], delta[rows])
