@@ -282,8 +282,9 @@ def block_loss_and_gradient(
     if temperature != 1.0:
         s.div_(temperature)
         t.div_(temperature)
-    # Three (n, V) tensors live at once: s (then q, in place), t (then d = t - s, in place) and p. Each
-    # softmax is one shift, one exp, one sum and one scale; the log-sum-exps come from the same sums.
+    # Three (n, V) tensors live at once: s (then q, in place), t (then d = t - s, in place) and p; four for
+    # the JSD (s and t become log q and log p). Each softmax is one shift, one exp, one sum and one scale;
+    # the log-sum-exps come from the same sums.
     student_max, teacher_max = s.amax(dim=-1), t.amax(dim=-1)  # (n,)
     p = torch.sub(t, teacher_max.unsqueeze(1)).exp_()
     teacher_sum = p.sum(dim=-1)
@@ -292,17 +293,13 @@ def block_loss_and_gradient(
     hard = -s.gather(-1, targets.unsqueeze(-1)).squeeze(-1) if hard_weight else None  # + a below
     soft_dot = None
     if divergence == "cross_entropy":
-        soft_dot = torch.linalg.vecdot(p, t.copy_(s).masked_fill_(p == 0, 0.0))  # sum p s; p log q is 0 where p = 0
-    elif divergence == "forward_kl":
-        # d = t - s, and 0 where p = 0 (t = -inf: d is -inf, or NaN when s is -inf too); +inf (s = -inf where
-        # p > 0) stays: an infinite forward KL
-        d = t.sub_(s).nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0)
-    elif divergence == "reverse_kl":
-        d = t.sub_(s)  # zeroed where q = 0 below
-    if divergence == "jsd":  # log p and log q, kept for log m
-        log_p = t.sub_(b.unsqueeze(1))
-        log_q = s.sub_(student_max.unsqueeze(1))
-        q = torch.exp(log_q)
+        soft_dot = _dot_where_mass(p, s, in_place=False)  # sum p s (s is still needed)
+    elif divergence in ("forward_kl", "reverse_kl"):
+        # d = t - s: -inf where t = -inf (p = 0), +inf where s = -inf (q = 0), NaN where both; a term counts 0
+        # where its probability is 0, and an infinite term where it is not is an infinite divergence
+        d = t.sub_(s)
+    if divergence == "jsd":  # s and t stay for log q and log p
+        q = torch.sub(s, student_max.unsqueeze(1)).exp_()
     else:
         q = s.sub_(student_max.unsqueeze(1)).exp_()
     student_sum = q.sum(dim=-1)
@@ -310,30 +307,23 @@ def block_loss_and_gradient(
     q.mul_(student_sum.reciprocal().unsqueeze(1))
     raise_non_finite(a, b, None, first_row)
     if divergence == "jsd":
-        log_q.sub_(student_sum.log().unsqueeze(1))
-        log_m = torch.mul(p, beta).add_(q, alpha=1.0 - beta).log_()
-        # beta p + (1 - beta) q underflows where p or q is subnormal: log m is at least either term's log
-        torch.maximum(log_m, log_p + math.log(beta), out=log_m)
-        torch.maximum(log_m, log_q + math.log1p(-beta), out=log_m)
-        teacher_ratio = log_p.sub_(log_m).masked_fill_(p == 0, 0.0)  # log(p / m), 0 where p = 0
-        student_ratio = log_q.sub_(log_m).masked_fill_(q == 0, 0.0)
-        kl_student = torch.linalg.vecdot(q, student_ratio)  # KL(q || m)
-        loss = beta * torch.linalg.vecdot(p, teacher_ratio) + (1.0 - beta) * kl_student
+        teacher_kl, kl_student, student_ratio = _jsd_terms(p, q, t.sub_(b.unsqueeze(1)), s.sub_(a.unsqueeze(1)), beta)
+        loss = beta * teacher_kl + (1.0 - beta) * kl_student
     if hard is not None:
         hard += a
     if divergence == "cross_entropy":
         loss = a - soft_dot
     if divergence == "forward_kl":
-        loss = torch.linalg.vecdot(p, d) + a - b
-    elif divergence == "reverse_kl":
-        d.masked_fill_(q == 0, 0.0)  # q = 0: no contribution (d may be +-inf there)
-        loss = b - a - torch.linalg.vecdot(q, d)
+        loss = _dot_where_mass(p, d) + a - b
+    elif divergence == "reverse_kl":  # d is 0 where q = 0 afterwards if it was infinite there (the gradient)
+        loss = b - a - _dot_where_mass(q, d)
     grad = None
     if gradient:  # (1 - w) * soft + w * (q - onehot), with T = 1 whenever w > 0
         w = hard_weight
         if divergence in ("reverse_kl", "jsd"):  # q (log q - log p - KL) / T, KL = loss; JSD: see below
-            if divergence == "jsd":  # (1 - beta) q (log q - log m - KL(q || m)) / T
-                grad = student_ratio.sub_(kl_student.unsqueeze(1)).mul_(q).mul_((1.0 - beta) * (1.0 - w) / temperature)
+            if divergence == "jsd":  # (1 - beta) q (log q - log m - KL(q || m)) / T; log beta cancels
+                kl_shifted = kl_student + math.log(beta)
+                grad = student_ratio.sub_(kl_shifted.unsqueeze(1)).mul_(q).mul_((1.0 - beta) * (1.0 - w) / temperature)
             else:
                 grad = d.neg_().add_((b - a - loss).unsqueeze(1)).mul_(q).mul_((1.0 - w) / temperature)
             if w:
@@ -348,6 +338,44 @@ def block_loss_and_gradient(
         loss = (1.0 - hard_weight) * loss + hard_weight * hard
     raise_non_finite(a, b, loss, first_row)
     return loss, grad
+
+
+# float32's smallest normal number: below it a probability has lost precision (subnormal) or is 0
+_SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
+
+
+def _jsd_terms(p: Tensor, q: Tensor, log_p: Tensor, log_q: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """KL(p || m), KL(q || m) ``(n,)`` and ``log q - log m - log beta`` ``(n, V)`` for the mixture
+    ``m = beta p + (1 - beta) q``, ``0 < beta < 1``, in place over ``log_p`` and ``log_q`` (both consumed).
+
+    ``log m - log beta = log(p + c q)`` with ``c = (1 - beta) / beta``: one sum and one log per element;
+    the constant ``log beta`` leaves the KLs as ``sum p (log p - log(p + c q)) - log beta`` (p and q each
+    sum to 1) and cancels from ``log q - log m - KL(q || m)``. Where ``p + c q`` is not a normal float (both
+    probabilities tiny) the log is taken from ``log p`` and ``log q`` instead (``logaddexp``), so it is
+    never ``-inf`` where either has mass. A term whose probability is 0 contributes 0, not ``0 * inf``.
+    """
+    scale = (1.0 - beta) / beta
+    log_mix = torch.add(p, q, alpha=scale)
+    tiny = log_mix < _SMALLEST_NORMAL
+    log_mix.log_()
+    if tiny.any():
+        log_mix[tiny] = torch.logaddexp(log_p[tiny], log_q[tiny] + math.log(scale))
+    teacher_ratio, student_ratio = log_p.sub_(log_mix), log_q.sub_(log_mix)
+    log_beta = math.log(beta)
+    teacher_kl, student_kl = _dot_where_mass(p, teacher_ratio), _dot_where_mass(q, student_ratio)
+    return teacher_kl - log_beta, student_kl - log_beta, student_ratio
+
+
+def _dot_where_mass(probs: Tensor, values: Tensor, in_place: bool = True) -> Tensor:
+    """``sum_j probs_j values_j`` per row ``(n,)``, a term counting 0 where ``probs_j = 0`` even if ``values_j``
+    is infinite or NaN there (a ``-inf`` logit). Those zeros are written into ``values`` (``in_place``) only
+    when a row needs them: the dot product of such a row is NaN, so the common case costs one product."""
+    dot = torch.linalg.vecdot(probs, values)
+    if dot.isnan().any():
+        zero_mass = probs == 0
+        values = values.masked_fill_(zero_mass, 0.0) if in_place else values.masked_fill(zero_mass, 0.0)
+        dot = torch.linalg.vecdot(probs, values)
+    return dot
 
 
 def raise_non_finite(student_lse: Tensor, teacher_lse: Tensor, loss: Tensor | None, first_row: int) -> None:
