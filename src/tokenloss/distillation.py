@@ -293,7 +293,7 @@ def block_loss_and_gradient(
     hard = -s.gather(-1, targets.unsqueeze(-1)).squeeze(-1) if hard_weight else None  # + a below
     soft_dot = None
     if divergence == "cross_entropy":
-        soft_dot = _dot_where_mass(p, s, in_place=False)  # sum p s (s is still needed)
+        soft_dot = _weighted_row_sums(p, torch.mul(p, s, out=t))  # sum p s; t is free and s still needed
     elif divergence in ("forward_kl", "reverse_kl"):
         # d = t - s: -inf where t = -inf (p = 0), +inf where s = -inf (q = 0), NaN where both; a term counts 0
         # where its probability is 0, and an infinite term where it is not is an infinite divergence
@@ -307,25 +307,26 @@ def block_loss_and_gradient(
     q.mul_(student_sum.reciprocal().unsqueeze(1))
     raise_non_finite(a, b, None, first_row)
     if divergence == "jsd":
-        teacher_kl, kl_student, student_ratio = _jsd_terms(p, q, t.sub_(b.unsqueeze(1)), s.sub_(a.unsqueeze(1)), beta)
+        teacher_kl, kl_student, q_ratio = _jsd_terms(p, q, t.sub_(b.unsqueeze(1)), s.sub_(a.unsqueeze(1)), beta)
         loss = beta * teacher_kl + (1.0 - beta) * kl_student
     if hard is not None:
         hard += a
     if divergence == "cross_entropy":
         loss = a - soft_dot
     if divergence == "forward_kl":
-        loss = _dot_where_mass(p, d) + a - b
+        loss = _weighted_row_sums(p, d.mul_(p)) + a - b
     elif divergence == "reverse_kl":  # d is 0 where q = 0 afterwards if it was infinite there (the gradient)
-        loss = b - a - _dot_where_mass(q, d)
+        q_d = d.mul_(q)  # q (t - s), kept for the gradient
+        loss = b - a - _weighted_row_sums(q, q_d)
     grad = None
     if gradient:  # (1 - w) * soft + w * (q - onehot), with T = 1 whenever w > 0
         w = hard_weight
         if divergence in ("reverse_kl", "jsd"):  # q (log q - log p - KL) / T, KL = loss; JSD: see below
             if divergence == "jsd":  # (1 - beta) q (log q - log m - KL(q || m)) / T; log beta cancels
                 kl_shifted = kl_student + math.log(beta)
-                grad = student_ratio.sub_(kl_shifted.unsqueeze(1)).mul_(q).mul_((1.0 - beta) * (1.0 - w) / temperature)
+                grad = q_ratio.addcmul_(q, kl_shifted.neg().unsqueeze(1)).mul_((1.0 - beta) * (1.0 - w) / temperature)
             else:
-                grad = d.neg_().add_((b - a - loss).unsqueeze(1)).mul_(q).mul_((1.0 - w) / temperature)
+                grad = q_d.neg_().addcmul_(q, (b - a - loss).unsqueeze(1)).mul_((1.0 - w) / temperature)
             if w:
                 grad.add_(q, alpha=w)
         else:  # (q - p) / T; with w: q - (1 - w) p
@@ -345,7 +346,7 @@ _SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
 
 
 def _jsd_terms(p: Tensor, q: Tensor, log_p: Tensor, log_q: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
-    """KL(p || m), KL(q || m) ``(n,)`` and ``log q - log m - log beta`` ``(n, V)`` for the mixture
+    """KL(p || m), KL(q || m) ``(n,)`` and ``q (log q - log m - log beta)`` ``(n, V)`` for the mixture
     ``m = beta p + (1 - beta) q``, ``0 < beta < 1``, in place over ``log_p`` and ``log_q`` (both consumed).
 
     ``log m - log beta = log(p + c q)`` with ``c = (1 - beta) / beta``: one sum and one log per element;
@@ -360,22 +361,20 @@ def _jsd_terms(p: Tensor, q: Tensor, log_p: Tensor, log_q: Tensor, beta: float) 
     log_mix.log_()
     if tiny.any():
         log_mix[tiny] = torch.logaddexp(log_p[tiny], log_q[tiny] + math.log(scale))
-    teacher_ratio, student_ratio = log_p.sub_(log_mix), log_q.sub_(log_mix)
+    p_ratio, q_ratio = log_p.sub_(log_mix).mul_(p), log_q.sub_(log_mix).mul_(q)
     log_beta = math.log(beta)
-    teacher_kl, student_kl = _dot_where_mass(p, teacher_ratio), _dot_where_mass(q, student_ratio)
-    return teacher_kl - log_beta, student_kl - log_beta, student_ratio
+    return _weighted_row_sums(p, p_ratio) - log_beta, _weighted_row_sums(q, q_ratio) - log_beta, q_ratio
 
 
-def _dot_where_mass(probs: Tensor, values: Tensor, in_place: bool = True) -> Tensor:
-    """``sum_j probs_j values_j`` per row ``(n,)``, a term counting 0 where ``probs_j = 0`` even if ``values_j``
-    is infinite or NaN there (a ``-inf`` logit). Those zeros are written into ``values`` (``in_place``) only
-    when a row needs them: the dot product of such a row is NaN, so the common case costs one product."""
-    dot = torch.linalg.vecdot(probs, values)
-    if dot.isnan().any():
-        zero_mass = probs == 0
-        values = values.masked_fill_(zero_mass, 0.0) if in_place else values.masked_fill(zero_mass, 0.0)
-        dot = torch.linalg.vecdot(probs, values)
-    return dot
+def _weighted_row_sums(probs: Tensor, products: Tensor) -> Tensor:
+    """``products.sum(-1)`` ``(n,)`` for ``products = probs * values`` (computed in place by the caller), a
+    term counting 0 where ``probs_j = 0`` even if ``values_j`` is infinite or NaN there (a ``-inf`` logit):
+    those terms are zeroed in ``products`` only when a row needs it (its sum is NaN), so the common case
+    costs one sum and no temporary."""
+    sums = products.sum(dim=-1)
+    if sums.isnan().any():
+        sums = products.masked_fill_(probs == 0, 0.0).sum(dim=-1)
+    return sums
 
 
 def raise_non_finite(student_lse: Tensor, teacher_lse: Tensor, loss: Tensor | None, first_row: int) -> None:
