@@ -307,23 +307,23 @@ def block_loss_and_gradient(
     q.mul_(student_sum.reciprocal().unsqueeze(1))
     raise_non_finite(a, b, None, first_row)
     if divergence == "jsd":
-        teacher_kl, kl_student, q_ratio = _jsd_terms(p, q, t.sub_(b.unsqueeze(1)), s.sub_(a.unsqueeze(1)), beta)
-        loss = beta * teacher_kl + (1.0 - beta) * kl_student
+        teacher_kl, student_kl, q_ratio = _jsd_terms(p, q, t.sub_(b.unsqueeze(1)), s.sub_(a.unsqueeze(1)), beta)
+        loss = beta * teacher_kl + (1.0 - beta) * student_kl
     if hard is not None:
         hard += a
     if divergence == "cross_entropy":
         loss = a - soft_dot
     if divergence == "forward_kl":
         loss = _weighted_row_sums(p, d.mul_(p)) + a - b
-    elif divergence == "reverse_kl":  # d is 0 where q = 0 afterwards if it was infinite there (the gradient)
-        q_d = d.mul_(q)  # q (t - s), kept for the gradient
+    elif divergence == "reverse_kl":
+        q_d = d.mul_(q)  # q (t - s), reused by the gradient (its q = 0 terms zeroed where a row needed it)
         loss = b - a - _weighted_row_sums(q, q_d)
     grad = None
     if gradient:  # (1 - w) * soft + w * (q - onehot), with T = 1 whenever w > 0
         w = hard_weight
         if divergence in ("reverse_kl", "jsd"):  # q (log q - log p - KL) / T, KL = loss; JSD: see below
             if divergence == "jsd":  # (1 - beta) q (log q - log m - KL(q || m)) / T; log beta cancels
-                kl_shifted = kl_student + math.log(beta)
+                kl_shifted = student_kl + math.log(beta)
                 grad = q_ratio.addcmul_(q, kl_shifted.neg().unsqueeze(1)).mul_((1.0 - beta) * (1.0 - w) / temperature)
             else:
                 grad = q_d.neg_().addcmul_(q, (b - a - loss).unsqueeze(1)).mul_((1.0 - w) / temperature)
