@@ -403,15 +403,16 @@ class _ChunkBuffers:
     chunk after chunk (fresh tensors from oneDNN where it computes the products: the loops drop each
     chunk before the next), so at most two chunks of logits are held."""
 
-    def __init__(self, hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor, chunk: int):
-        self.hidden, self.weight = hidden, weight
-        self.teacher_hidden, self.teacher_weight = teacher_hidden, teacher_weight
-        self.student_buffer = logits_buffer(hidden, weight, chunk)
-        self.teacher_buffer = logits_buffer(teacher_hidden, teacher_weight, chunk)
+    def __init__(self, student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], chunk: int) -> None:
+        self.heads = (student, teacher)  # each (hidden, weight, bias or None)
+        self.buffers = tuple(logits_buffer(hidden, weight, chunk) for hidden, weight, _ in self.heads)
 
-    def logits(self, part: slice, bias: Tensor | None, teacher_bias: Tensor | None) -> tuple[Tensor, Tensor]:
-        student = chunk_logits(self.hidden[part], self.weight, bias, self.student_buffer)
-        teacher = chunk_logits(self.teacher_hidden[part], self.teacher_weight, teacher_bias, self.teacher_buffer)
+    def logits(self, part: slice) -> tuple[Tensor, Tensor]:
+        """The student's and the teacher's logits of rows ``part``, ``(n, V)`` each."""
+        student, teacher = (
+            chunk_logits(hidden[part], weight, bias, buffer)
+            for (hidden, weight, bias), buffer in zip(self.heads, self.buffers)
+        )
         return student, teacher
 
 
@@ -472,11 +473,11 @@ class _FusedDistillation(torch.autograd.Function):
         losses = torch.empty(rows, dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
         sinks = _GradientSinks(hidden, weight, bias, needs) if reduce_scale is not None else None
         chunk_math = _chunk_math(triton, config)
-        buffers = _ChunkBuffers(hidden, weight, teacher_hidden, teacher_weight, chunk)
+        buffers = _ChunkBuffers((hidden, weight, bias), (teacher_hidden, teacher_weight, teacher_bias), chunk)
         with torch.no_grad():
             for start in range(0, rows, chunk):
                 part = slice(start, start + chunk)
-                student, teacher = buffers.logits(part, bias, teacher_bias)
+                student, teacher = buffers.logits(part)
                 part_targets = targets[part] if targets is not None else None
                 losses[part], grad = chunk_math(
                     student, teacher, part_targets, **config, gradient=sinks is not None, first_row=start
@@ -506,11 +507,11 @@ class _FusedDistillation(torch.autograd.Function):
         hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets = ctx.saved_tensors
         sinks = _GradientSinks(hidden, weight, bias, ctx.needs_input_grad[:3])
         chunk_math = _chunk_math(ctx.triton, ctx.config)
-        buffers = _ChunkBuffers(hidden, weight, teacher_hidden, teacher_weight, ctx.chunk)
+        buffers = _ChunkBuffers((hidden, weight, bias), (teacher_hidden, teacher_weight, teacher_bias), ctx.chunk)
         with torch.no_grad():  # the gradient written out: no autograd graph of (n, V) tensors
             for start in range(0, hidden.shape[0], ctx.chunk):
                 part = slice(start, start + ctx.chunk)
-                student, teacher = buffers.logits(part, bias, teacher_bias)
+                student, teacher = buffers.logits(part)
                 part_targets = targets[part] if targets is not None else None
                 _, grad = chunk_math(student, teacher, part_targets, **ctx.config, gradient=True, first_row=start)
                 sinks.add(part, grad, hidden[part], weight, grad_output[part])
